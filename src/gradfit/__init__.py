@@ -1,0 +1,45 @@
+"""gradfit: fit any model to data with a visible PyTorch training loop.
+
+Example:
+    >>> import gradfit as gf
+    >>> x, y = gf.datasets.quadratic(seed=0)
+    >>> result = gf.fit("a*x**2 + b*x + c", x, y)
+    >>> sorted(result.params)
+    ['a', 'b', 'c']
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import datasets, losses, models
+from .errors import (
+    DataError,
+    DivergenceError,
+    ExpressionError,
+    GradfitError,
+    ModelError,
+    OptionError,
+)
+from .fitting import fit
+from .models import Model
+from .results import FitResult
+
+try:
+    __version__ = version("gradfit")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0+unknown"
+
+__all__ = [
+    "DataError",
+    "DivergenceError",
+    "ExpressionError",
+    "FitResult",
+    "GradfitError",
+    "Model",
+    "ModelError",
+    "OptionError",
+    "__version__",
+    "datasets",
+    "fit",
+    "losses",
+    "models",
+]

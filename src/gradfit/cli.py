@@ -1,0 +1,142 @@
+"""The ``gradfit`` command: demo, fit, models.
+
+User errors become one ``error: ...`` line on stderr and exit code 2; a diverged fit exits 3.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import GradfitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Fit any model to data with a visible PyTorch training loop.",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+EXIT_USAGE, EXIT_DIVERGED = 2, 3
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    """Print one ``error:`` line on stderr and return the exit to raise."""
+    print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+Out = Annotated[Path | None, typer.Option("--out", help="Folder for results and plots.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace files in an existing --out.")]
+
+
+@app.command()
+def demo(
+    out: Out = Path("gradfit-demo"),
+    seed: Annotated[int | None, typer.Option(help="torch.manual_seed before the post's program.")] = None,
+    epochs: int = 15_000,
+    lr: float = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="gd (the post's), sgd, adam, lbfgs, lm.")] = "gd",
+    overwrite: Overwrite = False,
+) -> None:
+    """The blog post end to end: four figures, results.json and the truth about convergence."""
+    from .demo import run_demo, write_demo
+    from .files import output_dir
+
+    try:
+        with output_dir(out or Path("gradfit-demo"), overwrite=overwrite) as staging:
+            run = run_demo(seed=seed, epochs=epochs, lr=lr, optimizer=optimizer, progress=True)
+            write_demo(run, staging)
+    except GradfitError as error:
+        raise fail(str(error)) from None
+    table = Table(title=f"y = a x² + b x + c  (seed {run.seed}, {run.result.optimizer})")
+    for column in ("param", "true", "fitted", "least-squares optimum", "fitted - optimum"):
+        table.add_column(column, justify="right")
+    for name in "abc":
+        fitted, best = run.result.params[name], run.optimum[name]
+        true = run.to_dict()["true_params"][name]
+        table.add_row(name, f"{true:g}", f"{fitted:.6f}", f"{best:.6f}", f"{fitted - best:+.6f}")
+    console.print(table)
+    console.print(f"final MSE {run.result.loss:.6f}; optimum MSE {run.optimum_loss:.6f}")
+    if run.excess > 1e-4:
+        console.print(
+            f"[bold yellow]{run.result.optimizer} has NOT reached the least-squares optimum:[/] "
+            f"its loss is {100 * run.excess:.1f}% above it after {run.result.n_iter} epochs. "
+            "Try `--optimizer lm` (or `gradfit fit ... --optimizer lm`)."
+        )
+    else:
+        console.print("[green]reached the least-squares optimum.[/]")
+    console.print(f"wrote {out}/: dataset.png before_training.png history.png "
+                  "after_training.png results.json")  # fmt: skip
+
+
+@app.command(name="fit")
+def fit_command(
+    data: Annotated[Path, typer.Argument(help="CSV, Parquet or NumPy file.")],
+    x: Annotated[str, typer.Option("--x", help="x column (several: x1,x2).")],
+    y: Annotated[str, typer.Option("--y", help="y column.")],
+    model: Annotated[str, typer.Option("--model", help="Expression or built-in name.")],
+    sigma: Annotated[str | None, typer.Option("--sigma", help="Column of y's standard deviations.")] = None,
+    p0: Annotated[str | None, typer.Option("--p0", help="Starting values: a=1,b=2.")] = None,
+    bounds: Annotated[str | None, typer.Option("--bounds", help="Bounds: k=0:inf,a=-1:1.")] = None,
+    fix: Annotated[str | None, typer.Option("--fix", help="Fixed values: c=0.")] = None,
+    loss: Annotated[str, typer.Option(help="mse sse chi2 mae huber soft_l1 cauchy arctan.")] = "mse",
+    f_scale: Annotated[float, typer.Option("--f-scale", help="Robust loss scale.")] = 1.0,
+    optimizer: Annotated[str, typer.Option(help="auto lm gd sgd adam lbfgs.")] = "auto",
+    lr: Annotated[float | None, typer.Option(help="Learning rate (gd, sgd, adam, lbfgs).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epoch (LM: iteration) limit.")] = None,
+    tol: Annotated[float | None, typer.Option(help="Stop when the loss changes less.")] = None,
+    seed: int | None = None,
+    nan_policy: Annotated[str, typer.Option("--nan-policy", help="raise or omit.")] = "raise",
+    absolute_sigma: Annotated[bool, typer.Option("--absolute-sigma")] = False,
+    out: Out = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results JSON on stdout.")] = False,
+    report: Annotated[bool, typer.Option("--report", help="Also write report.html.")] = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Fit MODEL to the columns of DATA; write results.json, fit.png, history.png to --out."""
+    from .commands import run_fit
+
+    try:
+        result = run_fit(
+            data, x=x, y=y, model=model, sigma=sigma, p0=p0, bounds=bounds, fix=fix, loss=loss,
+            f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs, tol=tol, seed=seed,
+            nan_policy=nan_policy, absolute_sigma=absolute_sigma, out=out, report=report,
+            overwrite=overwrite,
+        )  # fmt: skip
+    except GradfitError as error:
+        raise fail(str(error)) from None
+    if as_json:
+        print(result.to_json())
+    else:
+        console.print(result.report(), highlight=False, markup=False)
+    if result.status == "diverged":
+        print(f"error: {result.message}", file=sys.stderr)
+        raise typer.Exit(EXIT_DIVERGED)
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the built-in models with their formulas and parameters."""
+    from .models import describe_builtins
+
+    rows = describe_builtins()
+    if as_json:
+        print(json.dumps([{"name": n, "formula": f, "params": list(p)} for n, f, p in rows]))
+        return
+    table = Table(title="built-in models (x is the independent variable)")
+    for column in ("name", "formula", "parameters"):
+        table.add_column(column)
+    for name, formula, params in rows:
+        table.add_row(name, formula, ", ".join(params))
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - the console script calls app directly
+    app()

@@ -1,0 +1,218 @@
+"""``gradfit.fit``: one model, one data set, any loss and optimizer, honest statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import stats
+from .data import prepare_data
+from .errors import ModelError, OptionError, unknown_name
+from .loop import Hook, LoopOutcome, Problem, run_lbfgs, run_loop
+from .losses import Loss, get_loss
+from .models import Model, as_model
+from .optim import DEFAULT_LR, FIRST_ORDER, OPTIMIZERS
+from .parameters import Bound, ParameterSpace
+from .progress import progress_bar
+from .results import FitResult
+
+Tensor = torch.Tensor
+
+
+def fit(
+    model: Model | str | Callable[..., Tensor] | nn.Module,
+    x: Any,
+    y: Any,
+    *,
+    sigma: Any = None,
+    p0: Mapping[str, float] | Any = None,
+    bounds: Mapping[str, Bound] | None = None,
+    fixed: Mapping[str, float] | None = None,
+    loss: str | Loss | Callable[[Tensor, Tensor], Tensor] = "mse",
+    f_scale: float = 1.0,
+    optimizer: str = "auto",
+    lr: float | None = None,
+    epochs: int | None = None,
+    tol: float | None = None,
+    absolute_sigma: bool = False,
+    nan_policy: str = "raise",
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    hook: Hook | None = None,
+) -> FitResult:
+    """Fit ``model`` to ``(x, y)`` by minimising ``loss``.
+
+    Args:
+        model: expression string, built-in name, ``Model``, function ``f(x, params)`` (wrap it
+            in ``Model(f, params=[...])`` to name its parameters) or ``nn.Module``.
+        x, y: the data (``x`` may be a mapping name -> array for several variables).
+        sigma: per-point (or one) standard deviation of ``y``; residuals become ``r / sigma``.
+        p0: starting values (mapping or vector); default: the built-in's guess, the module's
+            current values, else ones (as ``curve_fit``).
+        bounds, fixed: ``{name: (lo, hi)}`` (None = unbounded) and ``{name: value}``.
+        loss: ``mse`` (the post's), ``sse``, ``chi2``, ``mae``, ``huber``, ``soft_l1``,
+            ``cauchy``, ``arctan`` or a callable ``loss(y_pred, y_true)``.
+        optimizer: ``auto`` (``lm`` for least-squares losses, else ``lbfgs``), ``lm``, ``gd``,
+            ``sgd``, ``adam``, ``lbfgs``.
+        lr, epochs, tol: learning rate, epoch (LM: iteration) limit, relative loss-change stop.
+        absolute_sigma: take ``sigma`` as absolute (do not rescale the covariance by χ²ᵣ).
+        dtype: float64 unless given.
+
+    Example:
+        >>> import gradfit as gf
+        >>> x, y = gf.datasets.quadratic(seed=0)
+        >>> result = gf.fit("a*x**2 + b*x + c", x, y)
+        >>> result.converged, round(result.params["a"])
+        (True, 20)
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = as_model(model)
+    dtype = dtype or torch.float64
+    data = prepare_data(
+        x, y, sigma, independent=model.independent, nan_policy=nan_policy, dtype=dtype, device=device
+    )
+    loss_fn = get_loss(loss)
+    if loss_fn.name == "chi2" and data.sigma is None:
+        raise OptionError("loss 'chi2' needs sigma (per-point standard deviations)")
+    loss_fn = loss_fn.with_options(f_scale=f_scale, sigma=data.sigma)
+    optimizer = _choose_optimizer(optimizer, loss_fn)
+    space = ParameterSpace.build(model.param_names, bounds, fixed)
+    if data.n_points < len(space.free):
+        raise OptionError(
+            f"{data.n_points} data points cannot determine {len(space.free)} free parameters"
+        )
+    p_start = _starting_params(model, p0, data.x, data.y, dtype, data.y.device)
+    space.check_start(p_start)
+    _check_model_output(model, data.x, data.y, p_start)
+    problem = Problem(model, data.x, data.y, loss_fn, space)
+    theta = space.to_theta(p_start.unsqueeze(0))[0]
+    total = epochs or (15_000 if optimizer in FIRST_ORDER else 0)
+    with progress_bar(hook, total) if progress else contextlib.nullcontext(hook) as hooks:
+        if optimizer == "lm":
+            from .optim.least_squares import run_lm
+
+            outcome = run_lm(problem, theta, max_iter=epochs, tol=tol, hook=hooks)
+        else:
+            outcome = _run_gradient(problem, theta, optimizer, lr, epochs, tol, hooks)
+    return _result(problem, outcome, optimizer, data.n_omitted, absolute_sigma)
+
+
+def _choose_optimizer(name: str, loss: Loss) -> str:
+    if name not in OPTIMIZERS:
+        raise unknown_name("optimizer", name, OPTIMIZERS)
+    if name == "auto":
+        return "lm" if loss.least_squares else "lbfgs"
+    if name == "lm" and not loss.least_squares:
+        raise OptionError(
+            f"optimizer 'lm' needs a least-squares loss, not {loss.name!r}; use lbfgs or adam"
+        )
+    return name
+
+
+def _starting_params(
+    model: Model, p0: Any, x: Any, y: Tensor, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    names = model.param_names
+    if p0 is None or isinstance(p0, Mapping):
+        base = model.initial_params(dtype)
+        if base is None:
+            guess = model.guess(x, y)
+            base = guess if guess is not None else torch.ones(len(names), dtype=dtype)
+        base = base.to(dtype=dtype, device=device).clone()
+        for name, value in (p0 or {}).items():
+            if name not in names:
+                raise unknown_name("parameter in p0", name, names)
+            base[names.index(name)] = float(value)
+        return base
+    start = torch.as_tensor(p0, dtype=dtype, device=device).reshape(-1).clone()
+    if start.numel() != len(names):
+        raise OptionError(f"p0 has {start.numel()} values; the model has {len(names)}: {names}")
+    return start
+
+
+def _check_model_output(model: Model, x: Any, y: Tensor, p: Tensor) -> None:
+    values = ", ".join(f"{n}={v:g}" for n, v in zip(model.param_names, p.tolist(), strict=True))
+    with torch.no_grad():
+        try:
+            out = model(x, p)
+        except ModelError:
+            raise
+        except Exception as error:
+            raise ModelError(f"the model failed at p0 ({values}): {error}") from None
+    if not isinstance(out, Tensor) or out.shape != y.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ModelError(f"the model returned shape {shape}, expected {tuple(y.shape)} (like y)")
+    if not torch.isfinite(out).all():
+        row = int((~torch.isfinite(out)).nonzero()[0, 0])
+        raise ModelError(f"the model is not finite at p0 ({values}) at row {row}; choose another p0")
+
+
+def _run_gradient(
+    problem: Problem,
+    theta: Tensor,
+    optimizer: str,
+    lr: float | None,
+    epochs: int | None,
+    tol: float | None,
+    hook: Hook | None,
+) -> LoopOutcome:
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    if not lr > 0:
+        raise OptionError(f"lr must be > 0, got {lr}")
+    theta = theta.detach().clone().requires_grad_()
+    if optimizer == "lbfgs":
+        return run_lbfgs(problem, theta, lr=lr, epochs=epochs or 100, tol=tol or 1e-12, hook=hook)
+    step = FIRST_ORDER[optimizer](lr=lr)
+    return run_loop(problem, theta, step, epochs=epochs or 15_000, tol=tol, hook=hook)
+
+
+def _result(
+    problem: Problem, outcome: LoopOutcome, optimizer: str, n_omitted: int, absolute_sigma: bool
+) -> FitResult:
+    space, model = problem.space, problem.model
+    theta = outcome.theta.detach()
+    params = space.to_params(theta.unsqueeze(0))[0]
+    free = space.free
+    y_pred, J = _prediction_and_jacobian(model, problem.x, params)
+    sigma = problem.loss.sigma
+    weights = 1.0 if sigma is None else 1 / sigma
+    residuals = (y_pred - problem.y) * weights
+    fit_stats = stats.goodness(problem.y, y_pred, residuals, len(free))
+    J_free = J[..., free] * (weights.unsqueeze(-1) if sigma is not None else 1.0)
+    scale = 1.0 if (absolute_sigma and sigma is not None) else fit_stats["reduced_chi2"]
+    if isinstance(scale, Tensor) and not torch.isfinite(scale):
+        scale = torch.tensor(math.inf, dtype=params.dtype)
+    cov_free = stats.covariance(J_free, scale)
+    P = len(space.names)
+    cov = torch.zeros(P, P, dtype=params.dtype, device=params.device)
+    index = torch.tensor(free, device=params.device)
+    cov[index.unsqueeze(-1), index] = cov_free
+    return FitResult.build(
+        model=model,
+        problem=problem,
+        params=params,
+        covariance=cov,
+        outcome=outcome,
+        optimizer=optimizer,
+        statistics=fit_stats,
+        n_omitted=n_omitted,
+        absolute_sigma=absolute_sigma,
+    )
+
+
+def _prediction_and_jacobian(model: Model, x: Any, params: Tensor) -> tuple[Tensor, Tensor]:
+    symbolic = model.jacobian(x, params)
+    if symbolic is not None:
+        return symbolic[0].detach(), symbolic[1].detach()
+    with torch.enable_grad():
+        J = torch.func.jacfwd(lambda p: model(x, p))(params)  # (N, P)
+        y_pred = model(x, params)
+    return y_pred.detach(), J.detach()

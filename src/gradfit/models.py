@@ -1,0 +1,295 @@
+"""Models ``f(x, params)`` with named parameters: functions, expressions, built-ins, modules.
+
+Every model is called like the post's ``f(x, params)``. ``params`` is a tensor whose last
+dimension holds the parameters in ``param_names`` order; leading dimensions are curves
+(``[P]`` for one fit, ``[K, P]`` for ``K`` fits at once).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _guesses
+from .errors import ModelError, OptionError
+from .expr import Expression, parse_expression
+
+Tensor = torch.Tensor
+Variables = Tensor | Mapping[str, Tensor]
+GuessFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Model:
+    """A model ``f(x, params)`` with named parameters.
+
+    Args:
+        spec: an expression string (``"a*exp(-k*t)+c"``), a built-in name (``"gaussian"``,
+            ``"polynomial3"``), a Python function ``f(x, params)`` or a ``torch.nn.Module``.
+        params: parameter names of a Python function (required there), in the order
+            ``f`` unpacks them.
+        independent: name(s) of the independent variable(s) in an expression.
+
+    Example:
+        >>> m = Model("a*x**2 + b*x + c")
+        >>> m.param_names
+        ('a', 'b', 'c')
+        >>> m(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 0.0, -1.0])).tolist()
+        [-1.0, 0.0, 3.0]
+    """
+
+    def __init__(
+        self,
+        spec: str | Callable[..., Tensor] | nn.Module,
+        *,
+        params: Sequence[str] | None = None,
+        independent: str | Sequence[str] = "x",
+    ) -> None:
+        self.independent = (independent,) if isinstance(independent, str) else tuple(independent)
+        self.expression: Expression | None = None
+        self.module: nn.Module | None = None
+        self.guess_fn: GuessFn | None = None
+        self._fn: Callable[..., Tensor]
+        if isinstance(spec, str) and (builtin := get_builtin(spec)) is not None:
+            self.__dict__.update(builtin.__dict__)
+        elif isinstance(spec, str):
+            self._init_expression(spec, self.independent, params)
+        elif isinstance(spec, nn.Module):
+            self._init_module(spec)
+        elif callable(spec):
+            self._init_function(spec, params)
+        else:
+            raise ModelError(
+                "a model is an expression, built-in name, function or nn.Module, "
+                f"got {type(spec).__name__}"
+            )
+
+    def _init_expression(
+        self, text: str, independent: tuple[str, ...], params: Sequence[str] | None
+    ) -> None:
+        self.expression = parse_expression(text, independent)
+        self.param_names = self.expression.param_names
+        if params is not None:  # the caller chooses the order of the parameter vector
+            if sorted(params) != sorted(self.param_names):
+                raise ModelError(
+                    f"params {list(params)} do not match the expression's parameters "
+                    f"{list(self.param_names)}"
+                )
+            self.param_names = tuple(params)
+        self.formula = str(self.expression)
+        self.name = self.formula
+        self._derivatives = [self.expression.diff(name) for name in self.param_names]
+
+    def _init_module(self, module: nn.Module) -> None:
+        self.module = module
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ModelError("the nn.Module has no trainable parameters")
+        self._shapes = [(n, p.shape) for n, p in named]
+        self.param_names = tuple(
+            n if p.numel() == 1 else f"{n}[{i}]" for n, p in named for i in range(p.numel())
+        )
+        self.formula = type(module).__name__
+        self.name = self.formula
+
+    def _init_function(self, fn: Callable[..., Tensor], params: Sequence[str] | None) -> None:
+        if params is None:
+            raise ModelError("a function model needs its parameter names: Model(f, params=[...])")
+        if len(params) == 0 or len(set(params)) != len(params):
+            raise ModelError(f"parameter names must be unique and non-empty, got {list(params)}")
+        self._fn = fn
+        self.param_names = tuple(params)
+        self.name = getattr(fn, "__name__", "f")
+        self.formula = f"{self.name}(x, params)"
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def __call__(self, x: Variables, params: Tensor) -> Tensor:
+        """Evaluate ``f(x, params)``; ``params`` is ``[P]`` or ``[K, P]``."""
+        if self.expression is not None:
+            return self._call_expression(x, params)
+        if self.module is not None:
+            return self._call_module(x, params)
+        if params.dim() == 1:
+            return self._fn(x, params)
+        x_dim = 0 if isinstance(x, Tensor) and x.dim() == 2 else None
+        return torch.func.vmap(self._fn, in_dims=(x_dim, 0))(x, params)
+
+    def _variables(self, x: Variables, params: Tensor) -> dict[str, Tensor]:
+        if isinstance(x, Mapping):
+            variables = dict(x)
+        elif len(self.independent) == 1:
+            variables = {self.independent[0]: x}
+        else:
+            raise ModelError(
+                f"the model has independent variables {list(self.independent)}: pass x as a "
+                "mapping name -> array"
+            )
+        for i, name in enumerate(self.param_names):
+            variables[name] = params[..., i : i + 1]  # (..., 1) broadcasts against (..., N)
+        return variables
+
+    def _shape(self, x: Variables, params: Tensor) -> torch.Size:
+        xs = list(x.values()) if isinstance(x, Mapping) else [x]
+        return torch.broadcast_shapes(*(v.shape for v in xs), (*params.shape[:-1], 1))
+
+    def _call_expression(self, x: Variables, params: Tensor) -> Tensor:
+        assert self.expression is not None
+        out = self.expression.evaluate(self._variables(x, params))
+        shape = self._shape(x, params)
+        if not isinstance(out, Tensor):
+            return torch.full(shape, float(out), dtype=params.dtype, device=params.device)
+        return out if out.shape == shape else out.expand(shape)
+
+    def jacobian(self, x: Variables, params: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(f(x, params), ∂f/∂params)`` with shapes ``[..., N]`` and ``[..., N, P]``.
+
+        Expressions differentiate symbolically once, so this costs a few fused tensor
+        expressions instead of autodiff; other models return None (use autodiff).
+        """
+        if self.expression is None:
+            return None
+        variables = self._variables(x, params)
+        shape = self._shape(x, params)
+        y = self.expression.evaluate(variables)
+        cols = [d.evaluate(variables) for d in self._derivatives]
+        cols = [
+            c.expand(shape) if isinstance(c, Tensor) else torch.full(shape, float(c)).to(params)
+            for c in cols
+        ]
+        y = y.expand(shape) if isinstance(y, Tensor) else torch.full(shape, float(y)).to(params)
+        return y, torch.stack(cols, dim=-1)
+
+    def _call_module(self, x: Variables, params: Tensor) -> Tensor:
+        assert self.module is not None
+        if not isinstance(x, Tensor):
+            raise ModelError("an nn.Module model takes x as one array")
+        if params.dim() > 1:
+            call = torch.func.vmap(self._call_module, in_dims=(0 if x.dim() == 2 else None, 0))
+            return call(x, params)
+        tensors, start = {}, 0
+        for name, shape in self._shapes:
+            size = shape.numel()
+            tensors[name] = params[start : start + size].reshape(shape)
+            start += size
+        column = x.dim() == 1  # curves are y(x): give the module a feature column
+        out = torch.func.functional_call(self.module, tensors, (x.unsqueeze(-1) if column else x,))
+        return out.squeeze(-1) if column and out.dim() == 2 and out.shape[-1] == 1 else out
+
+    # -- starting values --------------------------------------------------------------------
+
+    def initial_params(self, dtype: torch.dtype | None = None) -> Tensor | None:
+        """The module's current parameters as one flat vector, else None."""
+        if self.module is None:
+            return None
+        flat = torch.cat([p.detach().reshape(-1) for p in self.module.parameters() if p.requires_grad])
+        return flat.to(dtype) if dtype is not None else flat
+
+    def guess(self, x: Variables, y: Tensor) -> Tensor | None:
+        """Data-driven starting values ``[..., P]`` for built-ins, else None."""
+        if self.guess_fn is None or not isinstance(x, Tensor):
+            return None
+        return self.guess_fn(x, y)
+
+    def __repr__(self) -> str:
+        return f"Model({self.formula!r}, params={list(self.param_names)})"
+
+
+def as_model(model: Model | str | Callable[..., Tensor] | nn.Module, **kwargs: Any) -> Model:
+    """Accept anything ``Model`` accepts, passing a ``Model`` through unchanged."""
+    return model if isinstance(model, Model) else Model(model, **kwargs)
+
+
+def _builtin(name: str, text: str, guess: GuessFn, description: str) -> Model:
+    model = Model(text)
+    model.name, model.guess_fn, model.description = name, guess, description
+    return model
+
+
+def linear() -> Model:
+    """``a*x + b``, started from the exact least-squares line."""
+    return _builtin("linear", "a*x + b", _guesses.linear, "straight line")
+
+
+def polynomial(degree: int) -> Model:
+    """``c0 + c1*x + ... + cd*x**d``, started from the exact least-squares polynomial.
+
+    Example:
+        >>> polynomial(2).param_names
+        ('c0', 'c1', 'c2')
+    """
+    if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= 20:
+        raise OptionError(f"polynomial degree must be an integer in 0..20, got {degree!r}")
+    terms = ["c0"] + [f"c{k}*x" if k == 1 else f"c{k}*x**{k}" for k in range(1, degree + 1)]
+    text = " + ".join(terms) if degree > 0 else "c0 + 0*x"
+    return _builtin(f"polynomial{degree}", text, _guesses.polynomial(degree), f"degree {degree}")
+
+
+def exponential() -> Model:
+    """``a*exp(-k*x) + c``: decay (k > 0) or growth (k < 0) towards an offset."""
+    return _builtin("exponential", "a*exp(-k*x) + c", _guesses.exponential, "exponential decay")
+
+
+def gaussian() -> Model:
+    """``amplitude*exp(-(x-center)**2/(2*width**2)) + offset``: a Gaussian peak."""
+    text = "amplitude*exp(-(x - center)**2/(2*width**2)) + offset"
+    return _builtin("gaussian", text, _guesses.peak(gaussian=True), "Gaussian peak")
+
+
+def lorentzian() -> Model:
+    """``amplitude*width**2/((x-center)**2 + width**2) + offset``: a Lorentzian peak."""
+    text = "amplitude*width**2/((x - center)**2 + width**2) + offset"
+    return _builtin("lorentzian", text, _guesses.peak(gaussian=False), "Lorentzian peak")
+
+
+def logistic() -> Model:
+    """``top/(1 + exp(-rate*(x - midpoint))) + bottom``: a sigmoid step."""
+    text = "top/(1 + exp(-rate*(x - midpoint))) + bottom"
+    return _builtin("logistic", text, _guesses.logistic, "logistic sigmoid")
+
+
+def power_law() -> Model:
+    """``a*x**b`` for x > 0."""
+    return _builtin("power_law", "a*x**b", _guesses.power_law, "power law")
+
+
+def sine() -> Model:
+    """``amplitude*sin(2*pi*frequency*x + phase) + offset``."""
+    text = "amplitude*sin(2*pi*frequency*x + phase) + offset"
+    return _builtin("sine", text, _guesses.sine, "sine wave")
+
+
+BUILTINS: dict[str, Callable[[], Model]] = {
+    "linear": linear,
+    "quadratic": lambda: polynomial(2),
+    "cubic": lambda: polynomial(3),
+    "exponential": exponential,
+    "gaussian": gaussian,
+    "lorentzian": lorentzian,
+    "logistic": logistic,
+    "power_law": power_law,
+    "sine": sine,
+}
+
+
+def get_builtin(name: str) -> Model | None:
+    """The built-in called ``name`` (``polynomialN``/``polyN`` for any degree), else None.
+
+    Example:
+        >>> get_builtin("poly3").param_names
+        ('c0', 'c1', 'c2', 'c3')
+    """
+    name = name.strip()
+    if name in BUILTINS:
+        return BUILTINS[name]()
+    match = re.fullmatch(r"(?:polynomial|poly)(\d{1,2})", name)
+    return polynomial(int(match.group(1))) if match else None
+
+
+def describe_builtins() -> list[tuple[str, str, tuple[str, ...]]]:
+    """``(name, formula, param_names)`` of the built-ins, for ``gradfit models``."""
+    models = [BUILTINS[n]() for n in BUILTINS] + [polynomial(4)]
+    return [(m.name, m.formula, m.param_names) for m in models]
