@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Union
 
 import numpy as np
 import torch
 
 Tensor = torch.Tensor
-ArrayLike = Union[Tensor, np.ndarray, list, tuple]
+ArrayLike = Tensor | np.ndarray | list | tuple
 #: x is one array, or a mapping name -> array for several independent variables.
-XLike = Union[ArrayLike, Mapping[str, ArrayLike]]
+XLike = ArrayLike | Mapping[str, ArrayLike]
 #: ``f(x, params) -> y_pred``; params is a tensor ``[..., P]``.
 ModelFn = Callable[..., Tensor]
 #: ``loss(y_pred, y_true) -> scalar``.

@@ -39,7 +39,9 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace files in a
 @app.command()
 def demo(
     out: Out = Path("gradfit-demo"),
-    seed: Annotated[int | None, typer.Option(help="torch.manual_seed before the post's program.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="torch.manual_seed before the post's program.")
+    ] = None,
     epochs: int = 15_000,
     lr: float = 1e-3,
     optimizer: Annotated[str, typer.Option(help="gd (the post's), sgd, adam, lbfgs, lm.")] = "gd",
@@ -82,11 +84,15 @@ def fit_command(
     x: Annotated[str, typer.Option("--x", help="x column (several: x1,x2).")],
     y: Annotated[str, typer.Option("--y", help="y column.")],
     model: Annotated[str, typer.Option("--model", help="Expression or built-in name.")],
-    sigma: Annotated[str | None, typer.Option("--sigma", help="Column of y's standard deviations.")] = None,
+    sigma: Annotated[
+        str | None, typer.Option("--sigma", help="Column of y's standard deviations.")
+    ] = None,
     p0: Annotated[str | None, typer.Option("--p0", help="Starting values: a=1,b=2.")] = None,
     bounds: Annotated[str | None, typer.Option("--bounds", help="Bounds: k=0:inf,a=-1:1.")] = None,
     fix: Annotated[str | None, typer.Option("--fix", help="Fixed values: c=0.")] = None,
-    loss: Annotated[str, typer.Option(help="mse sse chi2 mae huber soft_l1 cauchy arctan.")] = "mse",
+    loss: Annotated[
+        str, typer.Option(help="mse sse chi2 mae huber soft_l1 cauchy arctan.")
+    ] = "mse",
     f_scale: Annotated[float, typer.Option("--f-scale", help="Robust loss scale.")] = 1.0,
     optimizer: Annotated[str, typer.Option(help="auto lm gd sgd adam lbfgs.")] = "auto",
     lr: Annotated[float | None, typer.Option(help="Learning rate (gd, sgd, adam, lbfgs).")] = None,
@@ -138,5 +144,5 @@ def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     console.print(table)
 
 
-def main() -> None:  # pragma: no cover - the console script calls app directly
+if __name__ == "__main__":  # python -m gradfit.cli
     app()

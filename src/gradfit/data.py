@@ -64,11 +64,15 @@ def prepare_data(
         ([1.0, 2.0], 1)
     """
     if nan_policy not in NAN_POLICIES:
-        raise OptionError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}")
+        raise OptionError(
+            f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}"
+        )
     if isinstance(x, Mapping):
         missing = [name for name in independent if name not in x]
         if missing:
-            raise DataError(f"x has no variable {missing[0]!r}; the model needs {list(independent)}")
+            raise DataError(
+                f"x has no variable {missing[0]!r}; the model needs {list(independent)}"
+            )
         columns = {name: _as_numpy(x[name], f"x[{name!r}]") for name in independent}
     else:
         columns = {independent[0]: _as_numpy(x, "x")}
@@ -79,7 +83,9 @@ def prepare_data(
         arrays["sigma"] = _as_numpy(sigma_np, "sigma")
     for name, values in arrays.items():
         if len(values) != len(y_np):
-            raise DataError(f"{name} and y must have the same length, got {len(values)} and {len(y_np)}")
+            raise DataError(
+                f"{name} and y must have the same length, got {len(values)} and {len(y_np)}"
+            )
     keep = np.ones(len(y_np), dtype=bool)
     for name, values in arrays.items():
         bad = ~np.isfinite(values)
@@ -123,7 +129,9 @@ def read_raw_table(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a file")
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; use CSV, Parquet or NumPy")
+        raise DataError(
+            f"{path}: unsupported file type {suffix or '(none)'!r}; use CSV, Parquet or NumPy"
+        )
     try:
         if suffix in (".npy", ".npz"):
             return _read_numpy(path)

@@ -13,9 +13,9 @@ import keyword
 import math
 import operator
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 
@@ -86,16 +86,19 @@ class Node:
     """Base class of the immutable expression tree (subclasses are frozen dataclasses)."""
 
     prec: int = _ATOM
+    names: tuple[str, ...]  # free names in order of first appearance, left to right
+
+    def __post_init__(self) -> None:
+        # Computed once, bottom-up as the tree is built, so no later call recurses for it.
+        object.__setattr__(self, "names", self._names())
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n for child in self.children for n in child.names))
 
     @property
     def children(self) -> tuple[Node, ...]:
         """Direct subtrees, left to right."""
         return ()
-
-    @cached_property
-    def names(self) -> tuple[str, ...]:
-        """Free names in order of first appearance, left to right."""
-        return tuple(dict.fromkeys(n for child in self.children for n in child.names))
 
     def evaluate(self, env: Mapping[str, Value]) -> Value:
         """Value of this subtree; a Python float while no tensor is involved."""
@@ -151,8 +154,7 @@ class Var(Node):
 
     name: str
 
-    @property
-    def names(self) -> tuple[str, ...]:  # type: ignore[override]
+    def _names(self) -> tuple[str, ...]:
         return (self.name,)
 
     def evaluate(self, env: Mapping[str, Value]) -> Value:
@@ -451,7 +453,8 @@ class Expression:
             raise ExpressionError(
                 f"no value given for {', '.join(map(repr, missing))} in expression {self}"
             )
-        out = self.root.evaluate(variables)
+        with _depth_guard():
+            out = self.root.evaluate(variables)
         return out if isinstance(out, torch.Tensor) else torch.tensor(out, dtype=torch.float64)
 
     def diff(self, name: str) -> Expression:
@@ -462,7 +465,8 @@ class Expression:
             >>> str(e.diff("a")), str(e.diff("x")), str(e.diff("c"))
             ('x**2', '2*a*x + b', '1')
         """
-        return Expression(self.root.diff(name), self.independent)
+        with _depth_guard():
+            return Expression(self.root.diff(name), self.independent)
 
     def is_constant(self) -> bool:
         """True if no free name appears (only numbers and constants).
@@ -483,10 +487,20 @@ class Expression:
         return name in self.root.names
 
     def __str__(self) -> str:
-        return str(self.root)
+        with _depth_guard():
+            return str(self.root)
 
     def __repr__(self) -> str:
         return f"parse_expression({str(self)!r}, independent={self.independent!r})"
+
+
+@contextmanager
+def _depth_guard() -> Iterator[None]:
+    # Parsed trees are at most MAX_DEPTH deep, but repeated diff() can grow them further.
+    try:
+        yield
+    except RecursionError:
+        raise ExpressionError("expression is nested too deeply to process") from None
 
 
 def parse_expression(text: str, independent: Sequence[str] = ("x",)) -> Expression:

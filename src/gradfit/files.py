@@ -28,11 +28,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (fsynced before the rename)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     return path
 
 

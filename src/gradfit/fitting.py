@@ -77,7 +77,13 @@ def fit(
     model = as_model(model)
     dtype = dtype or torch.float64
     data = prepare_data(
-        x, y, sigma, independent=model.independent, nan_policy=nan_policy, dtype=dtype, device=device
+        x,
+        y,
+        sigma,
+        independent=model.independent,
+        nan_policy=nan_policy,
+        dtype=dtype,
+        device=device,
     )
     loss_fn = get_loss(loss)
     if loss_fn.name == "chi2" and data.sigma is None:
@@ -152,7 +158,9 @@ def _check_model_output(model: Model, x: Any, y: Tensor, p: Tensor) -> None:
         raise ModelError(f"the model returned shape {shape}, expected {tuple(y.shape)} (like y)")
     if not torch.isfinite(out).all():
         row = int((~torch.isfinite(out)).nonzero()[0, 0])
-        raise ModelError(f"the model is not finite at p0 ({values}) at row {row}; choose another p0")
+        raise ModelError(
+            f"the model is not finite at p0 ({values}) at row {row}; choose another p0"
+        )
 
 
 def _run_gradient(

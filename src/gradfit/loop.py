@@ -75,16 +75,18 @@ def run_loop(
     state = optimizer.init(theta) if state is None else state  # type: ignore[attr-defined]
     history = [] if history is None else history
     best_loss, best_theta = math.inf, theta.detach().clone()
+    before = theta.detach().clone()  # the parameters this epoch's loss belongs to
     status, message = "max_epochs", f"stopped after the maximum of {epochs} epochs"
     for epoch in range(start_epoch, epochs):
-        before = theta.detach().clone()
+        before.copy_(theta.data)
         loss = apply_step(problem, theta, optimizer, state).item()
         if not math.isfinite(loss):
             status, message = "diverged", _diverged_message(epoch, loss)
             break
         history.append(loss)
         if loss < best_loss:
-            best_loss, best_theta = loss, before
+            best_loss = loss
+            before, best_theta = best_theta, before  # swap buffers instead of cloning
         if _small_change(history, tol):
             status, message = "converged", f"relative loss change below tol={tol}"
             break

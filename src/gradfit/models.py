@@ -185,7 +185,9 @@ class Model:
         """The module's current parameters as one flat vector, else None."""
         if self.module is None:
             return None
-        flat = torch.cat([p.detach().reshape(-1) for p in self.module.parameters() if p.requires_grad])
+        flat = torch.cat(
+            [p.detach().reshape(-1) for p in self.module.parameters() if p.requires_grad]
+        )
         return flat.to(dtype) if dtype is not None else flat
 
     def guess(self, x: Variables, y: Tensor) -> Tensor | None:
@@ -203,8 +205,10 @@ def as_model(model: Model | str | Callable[..., Tensor] | nn.Module, **kwargs: A
     return model if isinstance(model, Model) else Model(model, **kwargs)
 
 
-def _builtin(name: str, text: str, guess: GuessFn, description: str) -> Model:
-    model = Model(text)
+def _builtin(
+    name: str, text: str, guess: GuessFn, description: str, params: Sequence[str] | None = None
+) -> Model:
+    model = Model(text, params=params)
     model.name, model.guess_fn, model.description = name, guess, description
     return model
 
@@ -242,7 +246,8 @@ def gaussian() -> Model:
 def lorentzian() -> Model:
     """``amplitude*width**2/((x-center)**2 + width**2) + offset``: a Lorentzian peak."""
     text = "amplitude*width**2/((x - center)**2 + width**2) + offset"
-    return _builtin("lorentzian", text, _guesses.peak(gaussian=False), "Lorentzian peak")
+    order = ["amplitude", "center", "width", "offset"]  # as the Gaussian's
+    return _builtin("lorentzian", text, _guesses.peak(gaussian=False), "Lorentzian peak", order)
 
 
 def logistic() -> Model:

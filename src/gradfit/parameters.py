@@ -9,6 +9,7 @@ derivative (zero at a bound) leaks into the error bars.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ def _finite_or_none(value: float | None, inf: float) -> float | None:
     return float(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ParameterSpace:
     """Maps the free, unconstrained ``theta`` ``[..., F]`` to model parameters ``[..., P]``."""
 
@@ -85,8 +86,8 @@ class ParameterSpace:
     def free_names(self) -> tuple[str, ...]:
         return tuple(self.names[i] for i in self.free)
 
-    @property
-    def is_identity(self) -> bool:
+    @functools.cached_property
+    def is_identity(self) -> bool:  # cached: asked at every step of the loop
         no_bounds = all(v is None for v in self.lower + self.upper)
         return no_bounds and all(v is None for v in self.fixed)
 
@@ -102,9 +103,7 @@ class ParameterSpace:
                 hi is not None and bool((column > hi).any())
             ):
                 bad = float(column[0]) if column.numel() == 1 else "some curves"
-                raise OptionError(
-                    f"p0 of {name!r} ({bad}) lies outside its bounds [{lo}, {hi}]"
-                )
+                raise OptionError(f"p0 of {name!r} ({bad}) lies outside its bounds [{lo}, {hi}]")
 
     def to_theta(self, p: Tensor) -> Tensor:
         """Model parameters ``[..., P]`` -> free unconstrained ``theta`` ``[..., F]``."""

@@ -49,7 +49,10 @@ def statistic_rows(result: Any) -> list[tuple[str, str]]:
         ("reduced chi-square", _fmt(result.reduced_chi2)),
         ("R²", _fmt(result.r2)),
         ("AIC / BIC", f"{_fmt(result.aic)} / {_fmt(result.bic)}"),
-        ("error bars", "absolute sigma" if result.absolute_sigma else "scaled by reduced chi-square"),
+        (
+            "error bars",
+            "absolute sigma" if result.absolute_sigma else "scaled by reduced chi-square",
+        ),
     ]
 
 
@@ -78,7 +81,9 @@ def html_report(result: Any, figures: list[Path]) -> str:
         f"<tr><td>{esc(n)}</td><td>{v}</td><td>{e}</td><td>{r}</td><td>{esc(note)}</td></tr>"
         for n, v, e, r, note in parameter_rows(result)
     )
-    stats = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in statistic_rows(result))
+    stats = "".join(
+        f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in statistic_rows(result)
+    )
     corr = "".join(
         f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{c:+.4f}</td></tr>"
         for a, b, c in strong_correlations(result)

@@ -1,5 +1,8 @@
 """First-order steps as small ``init``/``update`` pairs (optax's shape), updating in place.
 
+Updates write through ``params.data`` as the post does: cheaper than a ``no_grad`` context
+in a loop whose steps take microseconds.
+
 ``gd`` is the post's update verbatim: ``params -= lr * grad``. The state is a plain
 dict of tensors, so checkpoints can save and restore it exactly.
 """
@@ -31,9 +34,8 @@ class GradientDescent:
     def init(self, params: Tensor) -> State:
         return {}
 
-    @torch.no_grad()
     def update(self, params: Tensor, grad: Tensor, state: State) -> State:
-        params -= self.lr * grad  # exactly the post's `params.data -= lr * params.grad.data`
+        params.data -= self.lr * grad  # exactly the post's `params.data -= lr * params.grad.data`
         return state
 
 
@@ -48,7 +50,6 @@ class Momentum:
     def init(self, params: Tensor) -> State:
         return {"velocity": torch.zeros_like(params), "step": torch.zeros((), dtype=torch.int64)}
 
-    @torch.no_grad()
     def update(self, params: Tensor, grad: Tensor, state: State) -> State:
         velocity = state["velocity"]
         if int(state["step"]) == 0:  # torch.optim.SGD starts the buffer at the first gradient
@@ -56,7 +57,7 @@ class Momentum:
         else:
             velocity.mul_(self.momentum).add_(grad)
         state["step"] += 1
-        params.sub_(velocity, alpha=self.lr)
+        params.data.sub_(velocity, alpha=self.lr)  # .data: an update, not part of the graph
         return state
 
 
@@ -76,7 +77,6 @@ class Adam:
             "step": torch.zeros((), dtype=torch.int64),
         }
 
-    @torch.no_grad()
     def update(self, params: Tensor, grad: Tensor, state: State) -> State:
         beta1, beta2 = self.betas
         state["step"] += 1
@@ -85,5 +85,5 @@ class Adam:
         state["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_size = self.lr / (1 - beta1**t)
         denom = (state["v"].sqrt() / math.sqrt(1 - beta2**t)).add_(self.eps)
-        params.addcdiv_(state["m"], denom, value=-step_size)
+        params.data.addcdiv_(state["m"], denom, value=-step_size)
         return state

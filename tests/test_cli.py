@@ -1,0 +1,151 @@
+"""The CLI end to end on files in tmp_path: exit codes, files written, JSON keys."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from gradfit.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def decay_csv(tmp_path):
+    rng = np.random.default_rng(3)
+    t = np.linspace(0, 10, 60)
+    counts = 80 * np.exp(-0.4 * t) + 5 + rng.normal(0, 0.5, t.size)
+    path = tmp_path / "decay.csv"
+    lines = ["t,counts,err"] + [f"{a},{b},0.5" for a, b in zip(t, counts, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_fit_writes_results_plots_and_report(decay_csv, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(
+        "fit",
+        decay_csv,
+        "--x",
+        "t",
+        "--y",
+        "counts",
+        "--sigma",
+        "err",
+        "--model",
+        "a*exp(-k*t)+c",
+        "--p0",
+        "a=50,k=0.1,c=0",
+        "--out",
+        out,
+        "--report",
+    )
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {
+        "results.json",
+        "fit.png",
+        "history.png",
+        "report.html",
+    }
+    data = json.loads((out / "results.json").read_text())
+    for key in (
+        "params",
+        "loss",
+        "history",
+        "n_iter",
+        "converged",
+        "optimizer",
+        "loss_name",
+        "model",
+        "stderr",
+    ):
+        assert key in data
+    assert data["params"]["k"] == pytest.approx(0.4, rel=0.05)
+    assert data["converged"] is True
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http" not in html.split("<body>")[1]
+    assert "[[Parameters]]" in result.output
+
+
+def test_fit_json_on_stdout_with_a_builtin_and_parquet(tmp_path):
+    x = np.linspace(-3, 3, 80)
+    y = 2 * np.exp(-((x - 0.5) ** 2) / (2 * 0.7**2)) + 0.1
+    path = tmp_path / "peak.parquet"
+    pq.write_table(pa.table({"pos": x, "signal": y}), path)
+    result = invoke("fit", path, "--x", "pos", "--y", "signal", "--model", "gaussian", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["params"]["center"] == pytest.approx(0.5, abs=1e-6)
+    assert data["optimizer"] == "lm"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "a*exp(-k*t)+c", "--x", "time"], "no column 'time'"),
+        (["--model", "a*exp(-k*t)+c", "--x", "t", "--p0", "z=1"], "'z'"),
+        (["--model", "a*exp(-k*t)+c", "--x", "t", "--p0", "a=abc"], "not a number"),
+        (["--model", "a*exp(-k*t)+c", "--x", "t", "--loss", "hubr"], "did you mean 'huber'"),
+        (["--model", "a*exp(-k*t)+c", "--x", "t", "--optimizer", "bfgs"], "lbfgs"),
+        (["--model", "__import__('os').system('echo hacked')", "--x", "t"], "error"),
+        (["--model", "nosuchmodel(t)", "--x", "t"], "nosuchmodel"),
+        (["--model", "a*exp(-k*t)+c", "--x", "t", "--bounds", "k=1:0"], "must be <"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(decay_csv, tmp_path, args, message):
+    out = tmp_path / "never"
+    result = invoke("fit", decay_csv, "--y", "counts", "--out", out, *args)
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_missing_file_and_unsupported_type(tmp_path):
+    result = invoke("fit", tmp_path / "nope.csv", "--x", "x", "--y", "y", "--model", "linear")
+    assert result.exit_code == 2 and "no such file" in result.stderr
+    other = tmp_path / "data.xlsx"
+    other.write_text("x")
+    result = invoke("fit", other, "--x", "x", "--y", "y", "--model", "linear")
+    assert result.exit_code == 2 and "unsupported file type" in result.stderr
+
+
+def test_non_numeric_cell_names_column_and_row(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("x,y\n0,1\n1,2\n2,oops\n3,4\n")
+    result = invoke("fit", path, "--x", "x", "--y", "y", "--model", "linear")
+    assert result.exit_code == 2
+    assert "'y'" in result.stderr and "row 2" in result.stderr
+
+
+def test_models_lists_the_builtins():
+    result = invoke("models", "--json")
+    assert result.exit_code == 0
+    names = {m["name"] for m in json.loads(result.stdout)}
+    assert {
+        "linear",
+        "exponential",
+        "gaussian",
+        "lorentzian",
+        "logistic",
+        "power_law",
+        "sine",
+    } <= names
+
+
+def test_installed_console_script_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "gradfit.cli", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "demo" in result.stdout
