@@ -261,6 +261,17 @@ def test_second_derivatives_match_autograd():
         torch.testing.assert_close(expr.diff(name).diff(name).evaluate(env), expected)
 
 
+def test_trees_too_deep_for_recursion_raise_expression_error():
+    root = expr_module.Var("a")
+    for _ in range(5000):  # deeper than any parse allows; only repeated diff() gets close
+        root = expr_module.Neg(root)
+    deep = Expression(root)
+    assert deep.param_names == ("a",)
+    for action in (str, lambda e: e.evaluate({"a": 1.0}), lambda e: e.diff("a")):
+        with pytest.raises(ExpressionError, match="nested too deeply"):
+            action(deep)
+
+
 # --- rejected input ---------------------------------------------------------------------------
 
 REJECTED = [

@@ -195,7 +195,7 @@ def _result(
     residuals = (y_pred - problem.y) * weights
     fit_stats = stats.goodness(problem.y, y_pred, residuals, len(free))
     J_free = J[..., free] * (weights.unsqueeze(-1) if sigma is not None else 1.0)
-    scale = 1.0 if (absolute_sigma and sigma is not None) else fit_stats["reduced_chi2"]
+    scale = 1.0 if absolute_sigma else fit_stats["reduced_chi2"]  # as curve_fit: sigma=1 if unset
     if isinstance(scale, Tensor) and not torch.isfinite(scale):
         scale = torch.tensor(math.inf, dtype=params.dtype)
     cov_free = stats.covariance(J_free, scale)
