@@ -7,6 +7,7 @@ dimension holds the parameters in ``param_names`` order; leading dimensions are 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -70,18 +71,10 @@ class Model:
     def _init_expression(
         self, text: str, independent: tuple[str, ...], params: Sequence[str] | None
     ) -> None:
-        self.expression = parse_expression(text, independent)
-        self.param_names = self.expression.param_names
-        if params is not None:  # the caller chooses the order of the parameter vector
-            if sorted(params) != sorted(self.param_names):
-                raise ModelError(
-                    f"params {list(params)} do not match the expression's parameters "
-                    f"{list(self.param_names)}"
-                )
-            self.param_names = tuple(params)
+        order = None if params is None else tuple(params)
+        self.expression, self.param_names, self._derivatives = _compile(text, independent, order)
         self.formula = str(self.expression)
         self.name = self.formula
-        self._derivatives = [self.expression.diff(name) for name in self.param_names]
 
     def _init_module(self, module: nn.Module) -> None:
         self.module = module
@@ -128,13 +121,23 @@ class Model:
                 f"the model has independent variables {list(self.independent)}: pass x as a "
                 "mapping name -> array"
             )
-        for i, name in enumerate(self.param_names):
-            variables[name] = params[..., i : i + 1]  # (..., 1) broadcasts against (..., N)
+        columns = params.unsqueeze(-1).unbind(-2)  # P views (..., 1): broadcast against (..., N)
+        variables.update(zip(self.param_names, columns, strict=True))
         return variables
 
-    def _shape(self, x: Variables, params: Tensor) -> torch.Size:
-        xs = list(x.values()) if isinstance(x, Mapping) else [x]
-        return torch.broadcast_shapes(*(v.shape for v in xs), (*params.shape[:-1], 1))
+    def _shape(self, x: Variables, params: Tensor) -> tuple[int, ...]:
+        # plain tuple arithmetic: torch.broadcast_shapes costs tens of microseconds per call
+        shapes = [v.shape for v in x.values()] if isinstance(x, Mapping) else [x.shape]
+        shapes.append((*params.shape[:-1], 1))
+        ndim = max(len(s) for s in shapes)
+        result = [1] * ndim
+        for shape in shapes:
+            for axis, size in enumerate(shape, start=ndim - len(shape)):
+                if size != 1:
+                    if result[axis] not in (1, size):
+                        raise ModelError(f"x and params do not broadcast: {shapes}")
+                    result[axis] = size
+        return tuple(result)
 
     def _call_expression(self, x: Variables, params: Tensor) -> Tensor:
         assert self.expression is not None
@@ -198,6 +201,22 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.formula!r}, params={list(self.param_names)})"
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(
+    text: str, independent: tuple[str, ...], params: tuple[str, ...] | None
+) -> tuple[Expression, tuple[str, ...], tuple[Expression, ...]]:
+    """Parse and differentiate once per expression: fits in a loop reuse the work."""
+    expression = parse_expression(text, independent)
+    names = expression.param_names
+    if params is not None:  # the caller chooses the order of the parameter vector
+        if sorted(params) != sorted(names):
+            raise ModelError(
+                f"params {list(params)} do not match the expression's parameters {list(names)}"
+            )
+        names = params
+    return expression, names, tuple(expression.diff(name) for name in names)
 
 
 def as_model(model: Model | str | Callable[..., Tensor] | nn.Module, **kwargs: Any) -> Model:
