@@ -19,7 +19,7 @@ from scipy.optimize import curve_fit
 import gradfit as gf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from post_verbatim import run_post  # noqa: E402
+from post_verbatim import run_post
 
 
 def best_time(fn, repeats: int = 30) -> tuple[float, object]:
@@ -49,8 +49,10 @@ def compare(name, expression, numpy_model, x, y, p0) -> dict[str, float]:
     values = ours.values.numpy()
     agree = np.max(np.abs(values - popt) / np.maximum(np.abs(popt), 1e-12))
     print(f"\n{name}: {len(x)} points, p0 = {p0}")
-    print(f"  gradfit lm   {1e3 * t_ours:8.3f} ms   ({t_ours / t_scipy:5.2f}x SciPy)  "
-          f"{ours.n_iter} iterations, max rel. diff. from SciPy {agree:.1e}")  # fmt: skip
+    print(
+        f"  gradfit lm   {1e3 * t_ours:8.3f} ms   ({t_ours / t_scipy:5.2f}x SciPy)  "
+        f"{ours.n_iter} iterations, max rel. diff. from SciPy {agree:.1e}"
+    )
     print(f"  scipy        {1e3 * t_scipy:8.3f} ms")
     print(f"  lmfit        {1e3 * t_lmfit:8.3f} ms   ({t_lmfit / t_scipy:5.2f}x SciPy)")
     del lm_result
@@ -66,18 +68,34 @@ def main() -> None:
     x_t, y_t, initial, final, history = run_post(seed)
     t_post = time.perf_counter() - start
     x, y = x_t.double().numpy(), y_t.double().numpy()
-    times = compare("quadratic (the post's data)", "a*x**2 + b*x + c", quadratic_np, x, y,
-                    initial.double().tolist())  # fmt: skip
+    times = compare(
+        "quadratic (the post's data)",
+        "a*x**2 + b*x + c",
+        quadratic_np,
+        x,
+        y,
+        initial.double().tolist(),
+    )
     optimum = gf.fit("a*x**2 + b*x + c", x, y).values.numpy()
     miss = np.max(np.abs(final.double().numpy() - optimum) / np.abs(optimum))
-    print(f"  post's loop  {1e3 * t_post:8.1f} ms   (15,000 epochs; still {100 * miss:.0f}% "
-          f"from the optimum in some parameter; its loss {history[-1]:.5f})")  # fmt: skip
-    print(f"  gradfit lm is {t_post / times['ours']:.0f}x faster than the post's loop "
-          "and reaches the optimum")  # fmt: skip
+    print(
+        f"  post's loop  {1e3 * t_post:8.1f} ms   (15,000 epochs; still {100 * miss:.0f}% "
+        f"from the optimum in some parameter; its loss {history[-1]:.5f})"
+    )
+    print(
+        f"  gradfit lm is {t_post / times['ours']:.0f}x faster than the post's loop "
+        "and reaches the optimum"
+    )
 
     x_g, y_g = gf.datasets.gaussian_peak(n=100, seed=seed)
-    compare("4-parameter Gaussian", "amplitude*exp(-(x - center)**2/(2*width**2)) + offset",
-            gaussian_np, x_g.double().numpy(), y_g.double().numpy(), [4.0, 0.5, 1.5, 0.0])  # fmt: skip
+    compare(
+        "4-parameter Gaussian",
+        "amplitude*exp(-(x - center)**2/(2*width**2)) + offset",
+        gaussian_np,
+        x_g.double().numpy(),
+        y_g.double().numpy(),
+        [4.0, 0.5, 1.5, 0.0],
+    )
 
 
 if __name__ == "__main__":
