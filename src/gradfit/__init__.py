@@ -11,6 +11,8 @@ Example:
 from importlib.metadata import PackageNotFoundError, version
 
 from . import datasets, losses, models
+from .batch import fit_batch
+from .batch_result import BatchResult
 from .errors import (
     DataError,
     DivergenceError,
@@ -29,6 +31,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
 __all__ = [
+    "BatchResult",
     "DataError",
     "DivergenceError",
     "ExpressionError",
@@ -40,6 +43,7 @@ __all__ = [
     "__version__",
     "datasets",
     "fit",
+    "fit_batch",
     "losses",
     "models",
 ]

@@ -1,0 +1,319 @@
+"""Many independent fits at once: the same model, loss and solver with a leading batch axis.
+
+Curves are processed in chunks sized to a memory budget; each chunk is one call of the
+batched Levenberg–Marquardt kernel (the one ``gradfit.fit`` runs with K = 1), so curve i
+of a batch gets the answer ``fit`` gives for curve i alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .batch_result import TOO_FEW_POINTS, BatchResult, concat
+from .errors import DataError, OptionError
+from .loop import Problem
+from .losses import Loss, get_loss
+from .models import Model, as_model
+from .optim.least_squares import residual_functions
+from .optim.lm import levenberg_marquardt
+from .parameters import Bound, ParameterSpace
+from .small_linalg import MAX_P, cholesky, cholesky_inverse
+
+Tensor = torch.Tensor
+DEFAULT_MEMORY = 512 * 2**20  # bytes of working memory per chunk
+ChunkHook = Callable[[int, int], None]  # (curves done, curves total)
+
+
+def fit_batch(
+    model: Model | str | Callable[..., Tensor] | nn.Module,
+    x: Any,
+    y: Any,
+    *,
+    sigma: Any = None,
+    mask: Any = None,
+    p0: Any = None,
+    bounds: Mapping[str, Bound] | None = None,
+    fixed: Mapping[str, float] | None = None,
+    loss: str | Loss = "mse",
+    f_scale: float = 1.0,
+    optimizer: str = "lm",
+    epochs: int | None = None,
+    tol: float | None = None,
+    absolute_sigma: bool = False,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY,
+    progress: bool = False,
+    on_chunk: Callable[[int, BatchResult], None] | None = None,
+    skip_chunk: Callable[[int, int], bool] | None = None,
+) -> BatchResult:
+    """Fit ``model`` to each row of ``y`` ``[K, N]`` independently.
+
+    Args:
+        x: ``[N]`` shared by all curves or ``[K, N]``.
+        y: ``[K, N]``; NaN marks a missing point (as does ``mask=False``), so curves of
+            unequal length share one padded batch.
+        sigma: ``[K, N]``, ``[N]`` or a number.
+        mask: ``[K, N]`` bool, True where a point is valid.
+        p0: one vector ``[P]``, per-curve ``[K, P]``, a mapping name -> value, or None (the
+            built-in's vectorised guess, else ones).
+        optimizer: ``lm`` (default; ``gd``/``adam``/``sgd`` are not batched here yet).
+        chunk_size: curves per chunk; default from ``memory_budget`` bytes.
+        on_chunk: called with (first curve index, chunk result) as each chunk finishes.
+        skip_chunk: called with (start, stop); True skips that chunk (resuming a run).
+
+    Example:
+        >>> import gradfit as gf
+        >>> x = torch.linspace(0, 1, 20, dtype=torch.float64)
+        >>> Y = torch.stack([2 * x + 1, -x + 3])
+        >>> result = gf.fit_batch("a*x + b", x, Y)
+        >>> result.params.round(decimals=6).tolist(), result.status_names
+        ([[2.0, 1.0], [-1.0, 3.0]], ['converged_ftol', 'converged_ftol'])
+    """
+    if optimizer != "lm":
+        raise OptionError(
+            f"fit_batch supports optimizer 'lm' only, got {optimizer!r}; "
+            "fit curves one by one with gradfit.fit for gd/sgd/adam/lbfgs"
+        )
+    model = as_model(model)
+    dtype = dtype or torch.float64
+    loss_fn = get_loss(loss)
+    if not loss_fn.least_squares:
+        raise OptionError(f"fit_batch needs a least-squares loss for 'lm', not {loss_fn.name!r}")
+    if loss_fn.name == "chi2" and sigma is None:
+        raise OptionError("loss 'chi2' needs sigma (per-point standard deviations)")
+    data = _batch_tensors(x, y, sigma, mask, dtype, device)
+    space = ParameterSpace.build(model.param_names, bounds, fixed)
+    K, N = data["y"].shape
+    chunk = chunk_size or _chunk_size(N, len(model.param_names), memory_budget)
+    results = []
+    with _progress(progress, K) as advance:
+        for start in range(0, K, chunk):
+            stop = min(start + chunk, K)
+            if skip_chunk is not None and skip_chunk(start, stop):
+                advance(stop - start)
+                continue
+            part = {
+                k: (v[start:stop] if v is not None and v.dim() == 2 else v) for k, v in data.items()
+            }
+            result = _fit_chunk(model, part, p0, start, stop, space, loss_fn, f_scale,
+                                epochs, tol, absolute_sigma)  # fmt: skip
+            if on_chunk is not None:
+                on_chunk(start, result)
+            results.append(result)
+            advance(stop - start)
+    if not results:
+        return _empty(model, space, loss_fn)
+    return concat(results)
+
+
+def _batch_tensors(
+    x: Any, y: Any, sigma: Any, mask: Any, dtype: torch.dtype, device: Any
+) -> dict[str, Tensor | None]:
+    """Validate shapes; fold NaN/inf into the mask; fill masked points with harmless values."""
+    y_t = torch.as_tensor(np.asarray(y, dtype=np.float64), dtype=dtype, device=device)
+    if y_t.dim() != 2:
+        raise DataError(f"y must be [K, N] (one row per curve), got shape {tuple(y_t.shape)}")
+    K, N = y_t.shape
+    x_t = torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=dtype, device=device)
+    if x_t.shape not in ((N,), (K, N)):
+        raise DataError(
+            f"x must be [N] or [K, N] like y {tuple(y_t.shape)}, got {tuple(x_t.shape)}"
+        )
+    valid = torch.isfinite(y_t) & torch.isfinite(x_t)
+    if mask is not None:
+        mask_t = torch.as_tensor(np.asarray(mask), device=device)
+        if mask_t.shape != (K, N) or mask_t.dtype != torch.bool:
+            raise DataError(
+                f"mask must be a bool array of shape {(K, N)}, got {tuple(mask_t.shape)}"
+            )
+        valid &= mask_t
+    s_t = None
+    if sigma is not None:
+        s_t = torch.as_tensor(np.asarray(sigma, dtype=np.float64), dtype=dtype, device=device)
+        s_t = s_t.expand(K, N).clone()
+        valid &= torch.isfinite(s_t)
+        if bool((valid & (s_t <= 0)).any()):
+            k, n = (valid & (s_t <= 0)).nonzero()[0].tolist()
+            raise DataError(f"sigma must be > 0, got {float(s_t[k, n])} at curve {k}, point {n}")
+        s_t = torch.where(valid, s_t, 1.0)
+    y_t = torch.where(valid, y_t, 0.0)
+    if x_t.dim() == 2 or not bool(valid.all()):
+        # a masked x takes its curve's first valid x, so the model stays finite there
+        x_full = x_t.expand(K, N)
+        first = valid.to(torch.int8).argmax(-1, keepdim=True)
+        x_t = torch.where(valid, x_full, x_full.gather(-1, first))
+    return {"x": x_t, "y": y_t, "sigma": s_t, "mask": valid}
+
+
+def _chunk_size(n_points: int, n_params: int, budget: int) -> int:
+    # the Jacobian and a handful of residual-sized temporaries dominate the working set
+    per_curve = 8 * n_points * (3 * n_params + 12)
+    return int(max(256, min(1 << 16, budget // max(per_curve, 1))))
+
+
+def _start(
+    model: Model, p0: Any, x: Tensor, y: Tensor, mask: Tensor, start: int, stop: int
+) -> Tensor:
+    k, names = y.shape[0], model.param_names
+    dtype, device = y.dtype, y.device
+    if p0 is None or isinstance(p0, Mapping):
+        base = None
+        if model.guess_fn is not None:
+            base = model.guess_fn(*_fill_for_guess(x, y, mask))
+        if base is None:
+            base = torch.ones(k, len(names), dtype=dtype, device=device)
+        base = base.to(dtype).expand(k, len(names)).clone()
+        for name, value in (p0 or {}).items():
+            if name not in names:
+                from .errors import unknown_name
+
+                raise unknown_name("parameter in p0", name, names)
+            base[:, names.index(name)] = float(value)
+        return base
+    start_t = torch.as_tensor(np.asarray(p0, dtype=np.float64), dtype=dtype, device=device)
+    if start_t.shape == (len(names),):
+        return start_t.expand(k, -1).clone()
+    if start_t.dim() == 2 and start_t.shape[1] == len(names):
+        return start_t[start:stop].clone()
+    raise OptionError(f"p0 must be [P] or [K, P] with P = {len(names)}, got {tuple(start_t.shape)}")
+
+
+def _fill_for_guess(x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Masked points take the curve's median valid y, so guesses see no padding zeros."""
+    if bool(mask.all()):
+        return x, y
+    median = torch.where(mask, y, torch.nan).nanmedian(-1, keepdim=True).values
+    return x, torch.where(mask, y, median.nan_to_num(0.0))
+
+
+def _fit_chunk(
+    model: Model,
+    part: dict[str, Tensor | None],
+    p0: Any,
+    start: int,
+    stop: int,
+    space: ParameterSpace,
+    loss_fn: Loss,
+    f_scale: float,
+    epochs: int | None,
+    tol: float | None,
+    absolute_sigma: bool,
+) -> BatchResult:
+    x, y, sigma, mask = part["x"], part["y"], part["sigma"], part["mask"]
+    assert y is not None and mask is not None and x is not None
+    p_start = _start(model, p0, x, y, mask, start, stop)
+    space.check_start(p_start)
+    problem = Problem(model, x, y, loss_fn.with_options(f_scale=f_scale, sigma=sigma), space)
+    residuals, jacobian = residual_functions(problem)
+    n_valid = mask.sum(-1)
+    few = n_valid < len(space.free)
+    options: dict[str, Any] = {} if tol is None else {"ftol": tol}
+    if epochs is not None:
+        options["max_iter"] = epochs
+    robust = None if loss_fn.name in ("mse", "sse", "chi2") else loss_fn.rho
+    solved = levenberg_marquardt(
+        residuals, space.to_theta(p_start), jacobian=jacobian, mask=mask, robust=robust,
+        f_scale=f_scale, **options,
+    )  # fmt: skip
+    params = space.to_params(solved.theta)
+    status = torch.where(few, TOO_FEW_POINTS, solved.status)
+    stats = _curve_statistics(problem, params, mask, absolute_sigma)
+    # the kernel's cost is 0.5 Σ f_scale²·rho; the user's loss is its mean or sum
+    scale = 2 * (f_scale**2 if robust is not None else 1.0)
+    per_point = n_valid.clamp_min(1) if loss_fn.reduction == "mean" else 1
+    loss_values = solved.cost * scale / per_point
+    return BatchResult(
+        params=params, stderr=stats["stderr"], loss=loss_values, n_iter=solved.n_iter,
+        status=status, param_names=model.param_names, reduced_chi2=stats["reduced_chi2"],
+        r2=stats["r2"], n_points=n_valid, loss_name=loss_fn.name,
+    )  # fmt: skip
+
+
+def _curve_statistics(
+    problem: Problem, params: Tensor, mask: Tensor, absolute_sigma: bool
+) -> dict[str, Tensor]:
+    """Per-curve stderr, reduced χ² and R², from the Jacobian at the solution."""
+    from . import stats
+
+    space, sigma = problem.space, problem.loss.sigma
+    y_pred, J = _batch_jacobian(problem.model, problem.x, params)  # (k, N), (k, N, P)
+    free = space.free
+    weights = 1.0 if sigma is None else 1 / sigma
+    residuals = (y_pred - problem.y) * weights
+    fit_stats = stats.goodness(problem.y, y_pred, residuals, len(free), mask)
+    Jw = torch.where(
+        mask.unsqueeze(-1),
+        J[..., free] * (weights.unsqueeze(-1) if sigma is not None else 1.0),
+        0.0,
+    )
+    normal = Jw.transpose(-1, -2) @ Jw  # (k, F, F)
+    scale = (
+        torch.ones_like(fit_stats["reduced_chi2"]) if absolute_sigma else fit_stats["reduced_chi2"]
+    )
+    if len(free) <= MAX_P:
+        L, ok = cholesky(normal)
+        variance = cholesky_inverse(L).diagonal(dim1=-2, dim2=-1)
+    else:
+        L_full, info = torch.linalg.cholesky_ex(normal)
+        ok = info == 0
+        variance = torch.cholesky_inverse(L_full).diagonal(dim1=-2, dim2=-1)
+    stderr_free = torch.sqrt(variance * scale.unsqueeze(-1))
+    stderr_free = torch.where(ok.unsqueeze(-1) & (variance > 0), stderr_free, torch.nan)
+    stderr = torch.full_like(params, torch.nan)
+    stderr[:, free] = stderr_free
+    return {"stderr": stderr, "reduced_chi2": fit_stats["reduced_chi2"], "r2": fit_stats["r2"]}
+
+
+def _batch_jacobian(model: Model, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    symbolic = model.jacobian(x, params)
+    if symbolic is not None:
+        return symbolic[0].detach(), symbolic[1].detach()
+    x_dim = 0 if x.dim() == 2 else None
+    with torch.enable_grad():
+        one = lambda xi, pi: model(xi, pi)  # noqa: E731 - one curve, vmapped over the batch
+        J = torch.func.vmap(torch.func.jacfwd(one, argnums=1), in_dims=(x_dim, 0))(x, params)
+    return model(x, params).detach(), J.detach()
+
+
+def _empty(model: Model, space: ParameterSpace, loss_fn: Loss) -> BatchResult:
+    empty = torch.empty(0, len(model.param_names), dtype=torch.float64)
+    none = torch.empty(0, dtype=torch.float64)
+    return BatchResult(
+        params=empty, stderr=empty, loss=none, n_iter=none.long(), status=none.long(),
+        param_names=model.param_names, reduced_chi2=none, r2=none, n_points=none.long(),
+        loss_name=loss_fn.name,
+    )  # fmt: skip
+
+
+class _progress:
+    """A Rich bar over curves on a terminal; a no-op elsewhere."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        import sys
+
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=True)
+            self.task = self.bar.add_task("fitting curves", total=total)
+
+    def __enter__(self) -> Callable[[int], None]:
+        if self.bar is not None:
+            self.bar.start()
+        return self.advance
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
