@@ -1,0 +1,199 @@
+"""``gradfit fit-many``: long-form tables (one row per point) to one result row per group.
+
+Groups of any length are packed into a NaN-padded ``[K, N_max]`` batch (vectorised: one
+stable sort by group, no Python loop over groups), fitted with ``fit_batch``, and written
+chunk by chunk so a killed run loses at most one chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .batch import DEFAULT_MEMORY, _chunk_size, fit_batch
+from .batch_result import BatchResult
+from .data import read_raw_table, to_float
+from .errors import DataError, OptionError
+from .files import write_text_atomic
+from .models import Model
+
+OUTPUT_SUFFIXES = (".parquet", ".pq", ".csv")
+
+
+def pack_groups(
+    keys: np.ndarray, columns: dict[str, np.ndarray]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Rows grouped by ``keys`` -> (unique keys in first-seen order, ``[K, N_max]`` arrays).
+
+    Example:
+        >>> keys, packed = pack_groups(np.array(["b", "a", "b"]), {"y": np.array([1.0, 2.0, 3.0])})
+        >>> keys.tolist(), packed["y"].tolist()
+        (['b', 'a'], [[1.0, 3.0], [2.0, nan]])
+    """
+    unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order_of_groups = np.argsort(first, kind="stable")  # keep the file's group order
+    rank = np.empty_like(order_of_groups)
+    rank[order_of_groups] = np.arange(len(order_of_groups))
+    group = rank[inverse.reshape(-1)]
+    rows = np.argsort(group, kind="stable")
+    counts = np.bincount(group, minlength=len(unique))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.arange(len(rows)) - np.repeat(starts, counts)
+    sorted_group = group[rows]
+    packed = {}
+    for name, values in columns.items():
+        out = np.full((len(unique), max(int(counts.max()), 1)), np.nan)
+        out[sorted_group, position] = values[rows]
+        packed[name] = out
+    return unique[order_of_groups], packed
+
+
+def read_long(
+    path: Path, group: str, x: str, y: str, sigma: str | None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Read a long-form CSV/Parquet table and pack it by ``group``."""
+    table = read_raw_table(path)
+    wanted = [group, x, y, *([sigma] if sigma else [])]
+    for name in wanted:
+        if name not in table:
+            raise DataError(f"{path}: no column {name!r}; columns are {', '.join(table)}")
+    keys = table[group]
+    if keys.dtype == object and any(k is None for k in keys):
+        row = next(i for i, k in enumerate(keys) if k is None)
+        raise DataError(f"{path}: column {group!r} is empty at row {row}")
+    columns = {"x": to_float(table[x], f"{path}: column {x!r}")}
+    columns["y"] = to_float(table[y], f"{path}: column {y!r}")
+    if sigma:
+        columns["sigma"] = to_float(table[sigma], f"{path}: column {sigma!r}")
+        bad = np.isfinite(columns["sigma"]) & (columns["sigma"] <= 0)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise DataError(
+                f"{path}: column {sigma!r} must be > 0, got {columns['sigma'][row]} at row {row}"
+            )
+    return pack_groups(np.asarray(keys), columns)
+
+
+def read_wide(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A ``.npz`` with ``x`` (``[N]`` or ``[K, N]``), ``y`` ``[K, N]`` and optional ``sigma``."""
+    arrays = read_raw_table(path)
+    for name in ("x", "y"):
+        if name not in arrays:
+            raise DataError(f"{path}: no array {name!r}; arrays are {', '.join(arrays)}")
+    y = np.asarray(arrays["y"], dtype=np.float64)
+    if y.ndim != 2:
+        raise DataError(f"{path}: y must be [K, N], got shape {y.shape}")
+    packed = {"x": np.asarray(arrays["x"], dtype=np.float64), "y": y}
+    if "sigma" in arrays:
+        packed["sigma"] = np.asarray(arrays["sigma"], dtype=np.float64)
+    return np.arange(y.shape[0]), packed
+
+
+def run_fit_many(
+    data: Path,
+    *,
+    model: Model,
+    group: str | None,
+    x: str,
+    y: str,
+    sigma: str | None,
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    chunk_size: int | None = None,
+    **options: Any,
+) -> BatchResult:
+    """Fit every group of ``data``; write ``out`` (Parquet or CSV), chunk by chunk."""
+    suffix = out.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise OptionError(f"--out {out}: use a .parquet or .csv file")
+    if out.exists() and not (overwrite or resume):
+        raise OptionError(f"--out {out}: file exists; use --overwrite (or --resume)")
+    if data.suffix.lower() in (".npz", ".npy"):
+        keys, packed = read_wide(data)
+    else:
+        if group is None:
+            raise OptionError("--group is required for long-form CSV/Parquet input")
+        keys, packed = read_long(data, group, x, y, sigma)
+    chunk_size = chunk_size or _chunk_size(
+        packed["y"].shape[1], len(model.param_names), DEFAULT_MEMORY
+    )
+    parts = _PartStore(out, resume=resume, chunk_size=chunk_size, n_curves=len(keys))
+    result = fit_batch(
+        model, packed["x"], packed["y"], sigma=packed.get("sigma"), chunk_size=parts.chunk_size,
+        on_chunk=lambda start, chunk: parts.write(start, chunk, keys, group or "curve"),
+        skip_chunk=parts.done, **options,
+    )  # fmt: skip
+    del result  # chunks are re-read from disk so resumed and fresh runs give one table
+    final = parts.combine(keys, group or "curve")
+    final.save(out)
+    parts.clean()
+    return final
+
+
+class _PartStore:
+    """Finished chunks as Parquet files in ``<out>.parts/``, with the chunking in a manifest."""
+
+    def __init__(self, out: Path, *, resume: bool, chunk_size: int, n_curves: int) -> None:
+        self.folder = out.with_name(out.name + ".parts")
+        manifest = self.folder / "manifest.json"
+        if resume and manifest.exists():
+            saved = json.loads(manifest.read_text())
+            if saved["n_curves"] != n_curves:
+                raise OptionError(
+                    f"--resume: {self.folder} was written for {saved['n_curves']} curves, "
+                    f"this data has {n_curves}"
+                )
+            self.chunk_size = int(saved["chunk_size"])
+            return
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+        self.chunk_size = chunk_size
+        write_text_atomic(
+            manifest, json.dumps({"n_curves": n_curves, "chunk_size": self.chunk_size})
+        )
+
+    def _path(self, start: int) -> Path:
+        return self.folder / f"part-{start:012d}.parquet"
+
+    def done(self, start: int, stop: int) -> bool:
+        return self._path(start).exists()
+
+    def write(self, start: int, chunk: BatchResult, keys: np.ndarray, key_name: str) -> None:
+        chunk.keys, chunk.key_name = keys[start : start + len(chunk)], key_name
+        chunk.to_parquet(self._path(start))
+
+    def combine(self, keys: np.ndarray, key_name: str) -> BatchResult:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parts = sorted(self.folder.glob("part-*.parquet"))
+        table = pa.concat_tables([pq.read_table(p) for p in parts])
+        return _from_table(table, key_name)
+
+    def clean(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _from_table(table: Any, key_name: str) -> BatchResult:
+    import torch
+
+    from .batch_result import STATUS_NAMES
+
+    codes = {name: code for code, name in STATUS_NAMES.items()}
+    names = [c[: -len("_stderr")] for c in table.column_names if c.endswith("_stderr")]
+    col = lambda name: torch.as_tensor(table.column(name).to_numpy())  # noqa: E731
+    return BatchResult(
+        params=torch.stack([col(n) for n in names], dim=1),
+        stderr=torch.stack([col(f"{n}_stderr") for n in names], dim=1),
+        loss=col("loss"), n_iter=col("n_iter"),
+        status=torch.tensor([codes[s] for s in table.column("status").to_pylist()]),
+        param_names=tuple(names), reduced_chi2=col("reduced_chi2"), r2=col("r2"),
+        n_points=col("n_points"), keys=table.column(key_name).to_numpy(zero_copy_only=False),
+        key_name=key_name,
+    )  # fmt: skip
