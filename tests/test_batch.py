@@ -1,0 +1,163 @@
+"""`fit_batch` equals `fit` curve by curve; statuses; output tables; long-form packing."""
+
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import gradfit as gf
+from gradfit.many import pack_groups
+
+GAUSSIAN = "amplitude*exp(-(x - center)**2/(2*width**2)) + offset"
+
+
+def ragged_gaussians(K, N, seed):
+    """K noisy Gaussian peaks on a shared grid, some rows NaN-padded to unequal lengths."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(-4, 4, N)
+    truth = np.column_stack(
+        [
+            rng.uniform(1, 3, K),
+            rng.uniform(-1, 1, K),
+            rng.uniform(0.5, 1.5, K),
+            rng.uniform(-0.2, 0.2, K),
+        ]
+    )
+    y = truth[:, :1] * np.exp(-((x - truth[:, 1:2]) ** 2) / (2 * truth[:, 2:3] ** 2))
+    y = y + truth[:, 3:] + rng.normal(0, 0.05, (K, N))
+    lengths = rng.integers(N // 2, N + 1, K)
+    y[np.arange(N)[None, :] >= lengths[:, None]] = np.nan  # padding at the end
+    return x, y, truth
+
+
+def assert_same_fit(batch_row, single, rtol=1e-7):
+    for name, value in single.params.items():
+        assert batch_row["params"][name] == pytest.approx(value, rel=rtol, abs=1e-10), name
+        err = single.stderr[name]
+        assert batch_row["stderr"][name] == pytest.approx(err, rel=1e-5), name
+    assert batch_row["loss"] == pytest.approx(single.loss, rel=1e-9)
+
+
+@pytest.mark.parametrize("model", ["gaussian", GAUSSIAN])
+def test_each_curve_equals_fit_on_that_curve_alone(model):
+    x, y, _ = ragged_gaussians(K=40, N=60, seed=1)
+    p0 = None if model == "gaussian" else [2.0, 0.0, 1.0, 0.0]
+    batch = gf.fit_batch(model, x, y, p0=p0)
+    assert batch.params.shape == (40, 4)
+    for i in np.random.default_rng(0).choice(40, 8, replace=False):
+        single = gf.fit(model, x, y[i], p0=p0, nan_policy="omit")
+        assert_same_fit(batch[i], single)
+        assert batch[i]["n_points"] == single.n_points
+
+
+def test_per_curve_x_mask_and_sigma():
+    rng = np.random.default_rng(5)
+    K, N = 12, 30
+    x = np.sort(rng.uniform(0, 5, (K, N)), axis=1)
+    y = 3 * np.exp(-0.7 * x) + 0.5 + rng.normal(0, 0.02, (K, N))
+    sigma = rng.uniform(0.01, 0.05, (K, N))
+    mask = rng.uniform(size=(K, N)) > 0.2
+    batch = gf.fit_batch("a*exp(-k*x) + c", x, y, sigma=sigma, mask=mask, p0=[1.0, 1.0, 0.0])
+    for i in range(0, K, 3):
+        keep = mask[i]
+        single = gf.fit(
+            "a*exp(-k*x) + c", x[i][keep], y[i][keep], sigma=sigma[i][keep], p0=[1.0, 1.0, 0.0]
+        )
+        assert_same_fit(batch[i], single)
+
+
+def test_statuses_for_degenerate_and_diverging_curves():
+    x = np.linspace(0, 1, 20)
+    good = 2 * x**2 - x + 1
+    flat = np.full(20, 3.0)  # all-constant y: a quadratic still fits it exactly
+    few = np.full(20, np.nan)
+    few[:2] = [1.0, 2.0]  # 2 points for 3 parameters
+    bad = good.copy()
+    y = np.stack([good, flat, few, bad])
+    p0 = np.array([[1.0, 0, 0], [1.0, 0, 0], [1.0, 0, 0], [np.nan, 0, 0]])  # NaN start
+    result = gf.fit_batch("a*x**2 + b*x + c", x, y, p0=p0)
+    names = result.status_names
+    assert names[0].startswith("converged") and names[1].startswith("converged")
+    assert names[2] == "too_few_points"
+    assert names[3] == "non_finite"
+    assert result.params[1].tolist() == pytest.approx([0, 0, 3], abs=1e-9)
+    # a parameter the model ignores makes every curve's Jacobian singular
+    singular = gf.fit_batch(gf.Model("a*x + 0*b"), x, np.stack([good, good]))
+    assert singular.status_names == ["singular", "singular"]
+
+
+def test_a_converged_curve_stops_changing():
+    x = np.linspace(0, 1, 30)
+    y = np.stack([2 * x + 1, np.sin(7 * x) * 5])  # easy line, awkward wave
+    result = gf.fit_batch("a*x + b", x, y)
+    alone = gf.fit_batch("a*x + b", x, y[:1])
+    assert result.n_iter[0] == alone.n_iter[0]
+    torch.testing.assert_close(result.params[0], alone.params[0], rtol=0, atol=0)
+
+
+def test_bounds_fixed_and_robust_loss_in_batch():
+    x, y, _ = ragged_gaussians(K=6, N=50, seed=3)
+    batch = gf.fit_batch(
+        "gaussian",
+        x,
+        y,
+        bounds={"width": (0, 5)},
+        fixed={"offset": 0.0},
+        loss="soft_l1",
+        f_scale=0.1,
+    )
+    assert (batch.params[:, 3] == 0).all()
+    assert torch.isnan(batch.stderr[:, 3]).all()
+    for i in (0, 4):
+        single = gf.fit(
+            "gaussian",
+            x,
+            y[i],
+            bounds={"width": (0, 5)},
+            fixed={"offset": 0.0},
+            loss="soft_l1",
+            f_scale=0.1,
+            nan_policy="omit",
+        )
+        for name in ("amplitude", "center", "width"):
+            assert batch[i]["params"][name] == pytest.approx(single.params[name], rel=1e-7)
+
+
+def test_chunking_does_not_change_results(tmp_path):
+    x, y, _ = ragged_gaussians(K=50, N=40, seed=4)
+    whole = gf.fit_batch("gaussian", x, y)
+    chunks = []
+    chunked = gf.fit_batch("gaussian", x, y, chunk_size=7, on_chunk=lambda s, r: chunks.append(s))
+    assert chunks == list(range(0, 50, 7))
+    torch.testing.assert_close(chunked.params, whole.params, rtol=1e-12, atol=1e-12)
+    path = chunked.to_parquet(tmp_path / "out.parquet")
+    table = pq.read_table(path)
+    assert table.num_rows == 50
+    assert {"amplitude", "amplitude_stderr", "loss", "reduced_chi2", "n_iter", "status"} <= set(
+        table.column_names
+    )
+    assert "50 curves" in chunked.summary()
+
+
+def test_optimizers_other_than_lm_are_refused_clearly():
+    with pytest.raises(gf.OptionError, match="lm"):
+        gf.fit_batch("a*x + b", np.arange(5.0), np.ones((2, 5)), optimizer="lbfgs")
+
+
+def test_pack_groups_keeps_keys_and_order():
+    keys = np.array([7, 3, 7, 9, 3, 7])
+    y = np.arange(6.0)
+    unique, packed = pack_groups(keys, {"y": y})
+    assert unique.tolist() == [7, 3, 9]
+    expected = [[0, 2, 5], [1, 4, math.nan], [3, math.nan, math.nan]]
+    np.testing.assert_array_equal(packed["y"], np.array(expected))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_batch_on_cuda_matches_cpu():
+    x, y, _ = ragged_gaussians(K=64, N=50, seed=6)
+    cpu = gf.fit_batch("gaussian", x, y)
+    gpu = gf.fit_batch("gaussian", x, y, device="cuda")
+    torch.testing.assert_close(gpu.params.cpu(), cpu.params, rtol=1e-6, atol=1e-8)
