@@ -149,3 +149,38 @@ def test_installed_console_script_runs():
         [sys.executable, "-m", "gradfit.cli", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+def test_a_diverging_fit_exits_3_and_still_writes_its_results(decay_csv, tmp_path):
+    out = tmp_path / "run"
+    args = ["--x", "t", "--y", "counts", "--model", "a*exp(-k*t)+c", "--p0", "a=50,k=0.1,c=0"]
+    result = invoke("fit", decay_csv, *args, "--optimizer", "gd", "--lr", "10", "--out", out)
+    assert result.exit_code == 3
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: loss became"), result.stderr
+    assert "at epoch" in lines[0] and "smaller learning rate" in lines[0]
+    assert "[[Parameters]]" in result.stdout
+    data = json.loads((out / "results.json").read_text())
+    assert data["status"] == "diverged" and data["converged"] is False
+    assert data["loss"] is not None and data["loss"] <= data["history"][0]
+    assert all(v is not None for v in data["params"].values())
+    assert {p.name for p in out.iterdir()} == {"results.json", "fit.png", "history.png"}
+
+
+def test_outputs_are_all_or_nothing(tmp_path):
+    from gradfit.files import output_dir, write_text_atomic, write_with
+
+    target = write_text_atomic(tmp_path / "results.json", "old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        write_with(target, half_then_fail)
+    assert target.read_text() == "old"
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError), output_dir(out) as staging:
+        write_text_atomic(staging / "results.json", "{}")
+        raise RuntimeError("killed while writing plots")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no run, no temp

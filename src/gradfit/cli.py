@@ -28,7 +28,7 @@ EXIT_USAGE, EXIT_DIVERGED = 2, 3
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     """Print one ``error:`` line on stderr and return the exit to raise."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
     return typer.Exit(code)
 
 
@@ -105,23 +105,54 @@ def fit_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print results JSON on stdout.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Also write report.html.")] = False,
     overwrite: Overwrite = False,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Save the fit's state here every --checkpoint-every epochs."),
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(min=1, help="Epochs between checkpoints [default: 1000; lm, lbfgs: 1]."),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue from this checkpoint (and keep saving to it)."),
+    ] = None,
 ) -> None:
-    """Fit MODEL to the columns of DATA; write results.json, fit.png, history.png to --out."""
-    from .commands import run_fit
+    """Fit MODEL to the columns of DATA; write results.json, fit.png, history.png to --out.
 
-    try:
-        result = run_fit(
-            data, x=x, y=y, model=model, sigma=sigma, p0=p0, bounds=bounds, fix=fix, loss=loss,
-            f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs, tol=tol, seed=seed,
-            nan_policy=nan_policy, absolute_sigma=absolute_sigma, out=out, report=report,
-            overwrite=overwrite,
-        )  # fmt: skip
-    except GradfitError as error:
-        raise fail(str(error)) from None
+    Ctrl-C or SIGTERM stops after the current step and writes the best result so far
+    (status "interrupted", exit 130 or 143). Exit 2: bad input; 3: the fit diverged.
+    """
+    from .commands import run_fit
+    from .signals import stop_on_signals
+
+    with stop_on_signals() as stop:
+        try:
+            result = run_fit(
+                data, x=x, y=y, model=model, sigma=sigma, p0=p0, bounds=bounds, fix=fix,
+                loss=loss, f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs, tol=tol,
+                seed=seed, nan_policy=nan_policy, absolute_sigma=absolute_sigma, out=out,
+                report=report, overwrite=overwrite, checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every, resume=resume, hook=stop.hook,
+            )  # fmt: skip
+        except GradfitError as error:
+            raise fail(str(error)) from None
+        except OSError as error:  # e.g. --out or --checkpoint on a full or read-only disk
+            raise fail(f"cannot write {error.filename}: {error.strerror or error}") from None
+        except KeyboardInterrupt:  # a second signal: stopped at once, nothing written
+            raise fail("interrupted twice: stopped at once; nothing written", 130) from None
+    if result.n_omitted:
+        print(f"note: --nan-policy omit dropped {result.n_omitted} rows with NaN or inf",
+              file=sys.stderr)  # fmt: skip
     if as_json:
         print(result.to_json())
     else:
         console.print(result.report(), highlight=False, markup=False)
+    if stop.requested:
+        where = f"; results in {out}" if out is not None else ""
+        again = f"; continue with --resume {checkpoint or resume}" if checkpoint or resume else ""
+        print(f"note: stopped by {stop.name}: {result.message}{where}{again}", file=sys.stderr)
+        raise typer.Exit(stop.exit_code)
     if result.status == "diverged":
         print(f"error: {result.message}", file=sys.stderr)
         raise typer.Exit(EXIT_DIVERGED)

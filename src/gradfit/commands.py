@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
-from .data import read_table
-from .files import output_dir
-from .fitting import fit
+import numpy as np
+
+from .data import prepare_data, read_table
+from .errors import OptionError
+from .files import check_output_dir, check_parent, output_dir
+from .fitting import check_model_name, fit
+from .loop import Hook
 from .models import Model, get_builtin
 from .parameters import parse_assignments, parse_bounds
 from .results import FitResult
@@ -18,10 +21,9 @@ def build_model(text: str, x_columns: list[str]) -> tuple[Model, bool]:
     builtin = get_builtin(text)
     if builtin is not None:
         if len(x_columns) != 1:
-            from .errors import OptionError
-
             raise OptionError(f"built-in model {text!r} takes one x column, got {x_columns}")
         return builtin, False
+    check_model_name(text, x_columns)
     return Model(text, independent=x_columns), True
 
 
@@ -47,8 +49,16 @@ def run_fit(
     out: Path | None,
     report: bool,
     overwrite: bool,
+    checkpoint: Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: Path | None = None,
+    hook: Hook | None = None,
 ) -> FitResult:
-    """Read the columns, fit, and (with ``out``) write results.json, plots and report.html."""
+    """Read the columns, fit, and (with ``out``) write results.json, plots and report.html.
+
+    Every check on the arguments and the data runs before anything is written: a bad
+    input leaves no ``out`` folder and no checkpoint behind.
+    """
     x_columns = [c.strip() for c in x.split(",") if c.strip()]
     the_model, named = build_model(model, x_columns)
     options = {
@@ -56,24 +66,48 @@ def run_fit(
         "bounds": parse_bounds(bounds) if bounds else None,
         "fixed": parse_assignments(fix, "--fix") if fix else None,
     }
+    if out is not None:
+        check_output_dir(out, overwrite=overwrite)
+    checkpoint = checkpoint or resume  # a resumed run stays resumable
+    fresh = resume is None or checkpoint is None or checkpoint.resolve() != resume.resolve()
+    if checkpoint is not None:
+        check_parent(checkpoint, "--checkpoint")
+    if checkpoint is not None and checkpoint.is_dir():
+        raise OptionError(f"--checkpoint {checkpoint}: is a folder; name a file")
+    if checkpoint is not None and checkpoint.exists() and fresh and not overwrite:
+        raise OptionError(
+            f"--checkpoint {checkpoint}: file exists; continue it with --resume {checkpoint} "
+            "or start over with --overwrite"
+        )
     columns = read_table(data, [*x_columns, y, *([sigma] if sigma else [])])
     x_values = {c: columns[c] for c in x_columns} if named else columns[x_columns[0]]
-    with contextlib.ExitStack() as stack:
-        folder = stack.enter_context(output_dir(out, overwrite=overwrite)) if out else None
-        result = fit(
-            the_model, x_values, columns[y], sigma=columns[sigma] if sigma else None,
-            loss=loss, f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs, tol=tol,
-            seed=seed, nan_policy=nan_policy, absolute_sigma=absolute_sigma, progress=True,
-            **options,
-        )  # fmt: skip
-        if folder is not None:
+    sigma_values = columns[sigma] if sigma else None
+    # validate here too, so messages name the file and column rather than "x" or "y"
+    names = {f"x[{c!r}]": c for c in x_columns} if named else {"x": x_columns[0]}
+    names |= {"y": y, "sigma": sigma or ""}
+    labels = {key: f"{data}: column {name!r}" for key, name in names.items()}
+    prepare_data(
+        x_values, columns[y], sigma_values, independent=the_model.independent,
+        nan_policy=nan_policy, labels=labels, omit_hint="--nan-policy omit",
+    )  # fmt: skip
+    result = fit(
+        the_model, x_values, columns[y], sigma=sigma_values, loss=loss, f_scale=f_scale,
+        optimizer=optimizer, lr=lr, epochs=epochs, tol=tol, seed=seed, nan_policy=nan_policy,
+        absolute_sigma=absolute_sigma, progress=True, hook=hook, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, resume=resume, **options,
+    )  # fmt: skip
+    if out is not None:
+        with output_dir(out, overwrite=overwrite) as folder:
             write_outputs(result, folder, report)
     return result
 
 
 def write_outputs(result: FitResult, folder: Path, report: bool) -> list[Path]:
     """results.json, fit.png, history.png and, if asked, report.html."""
-    written = [result.save(folder / "results.json"), *result.plot(folder)]
+    written = [result.save(folder / "results.json")]
+    # a diverged history spans hundreds of decades: matplotlib's log scale overflows, harmlessly
+    with np.errstate(over="ignore"):
+        written += result.plot(folder)
     if report:
         from .report import write_html_report
 

@@ -6,6 +6,7 @@ without reading a traceback.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +35,15 @@ class FitData:
         return self.y.shape[-1]
 
 
-def _as_numpy(values: object, what: str) -> np.ndarray:
+def _as_numpy(values: object, what: str, *, scalar: bool = False) -> np.ndarray:
     if isinstance(values, Tensor):
         values = values.detach().cpu().numpy()
     try:
         array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
         raise DataError(f"{what} must be numeric") from None
+    if scalar and array.ndim == 0:
+        return array
     if array.ndim != 1:
         raise DataError(f"{what} must be one-dimensional, got shape {tuple(array.shape)}")
     return array
@@ -55,8 +58,14 @@ def prepare_data(
     nan_policy: str = "raise",
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    labels: Mapping[str, str] | None = None,
+    omit_hint: str = "nan_policy='omit'",
 ) -> FitData:
     """Check lengths, finiteness and ``sigma > 0``; apply the NaN policy; make tensors.
+
+    Messages call the arrays ``x`` (``x['t']`` for a mapping), ``y`` and ``sigma``;
+    ``labels`` replace those names (the CLI passes ``"decay.csv: column 'counts'"`` for
+    ``y``), and ``omit_hint`` is how the caller spells the omit policy.
 
     Example:
         >>> d = prepare_data([0, 1, float("nan")], [1, 2, 3], nan_policy="omit")
@@ -73,35 +82,40 @@ def prepare_data(
             raise DataError(
                 f"x has no variable {missing[0]!r}; the model needs {list(independent)}"
             )
-        columns = {name: _as_numpy(x[name], f"x[{name!r}]") for name in independent}
+        keys = {name: f"x[{name!r}]" for name in independent}  # never clash with y, sigma
+        arrays = {keys[name]: _as_numpy(x[name], keys[name]) for name in independent}
     else:
-        columns = {independent[0]: _as_numpy(x, "x")}
-    y_np = _as_numpy(y, "y")
-    arrays = {**columns, "y": y_np}
+        keys = {independent[0]: "x"}
+        arrays = {"x": _as_numpy(x, "x")}
+    y_np = arrays["y"] = _as_numpy(y, "y")
     if sigma is not None:
-        sigma_np = np.broadcast_to(np.asarray(sigma, dtype=np.float64), y_np.shape).copy()
-        arrays["sigma"] = _as_numpy(sigma_np, "sigma")
+        sigma_np = _as_numpy(sigma, "sigma", scalar=True)
+        one = sigma_np.size == 1  # one sigma for every point
+        arrays["sigma"] = np.full(y_np.shape, sigma_np.item()) if one else sigma_np
     for name, values in arrays.items():
         if len(values) != len(y_np):
             raise DataError(
                 f"{name} and y must have the same length, got {len(values)} and {len(y_np)}"
             )
+    label = {name: name for name in arrays} | dict(labels or {})
     keep = np.ones(len(y_np), dtype=bool)
     for name, values in arrays.items():
         bad = ~np.isfinite(values)
         if bad.any() and nan_policy == "raise":
             row = int(np.argmax(bad))
             raise DataError(
-                f"{name} has a non-finite value ({values[row]}) at row {row}; "
-                "clean the data or use nan_policy='omit'"
+                f"{label[name]} has a non-finite value ({values[row]}) at row {row}; "
+                f"clean the data or use {omit_hint}"
             )
         keep &= ~bad
     if "sigma" in arrays and (arrays["sigma"][keep] <= 0).any():
         row = int(np.argmax((arrays["sigma"] <= 0) & keep))
-        raise DataError(f"sigma must be > 0, got {arrays['sigma'][row]} at row {row}")
+        raise DataError(f"{label['sigma']} must be > 0, got {arrays['sigma'][row]} at row {row}")
     tensors = {k: torch.as_tensor(v[keep], dtype=dtype, device=device) for k, v in arrays.items()}
     x_out: Tensor | dict[str, Tensor] = (
-        tensors[independent[0]] if not isinstance(x, Mapping) else {n: tensors[n] for n in columns}
+        {name: tensors[key] for name, key in keys.items()}
+        if isinstance(x, Mapping)
+        else tensors["x"]
     )
     return FitData(x_out, tensors["y"], tensors.get("sigma"), int((~keep).sum()))
 
@@ -116,7 +130,9 @@ def read_table(path: str | Path, columns: Sequence[str]) -> dict[str, np.ndarray
     result = {}
     for name in columns:
         if name not in table:
-            raise DataError(f"{path}: no column {name!r}; columns are {', '.join(table)}")
+            close = difflib.get_close_matches(name, list(table), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataError(f"{path}: no column {name!r}{hint}; columns are {', '.join(table)}")
         result[name] = to_float(table[name], f"{path}: column {name!r}")
     return result
 
@@ -133,14 +149,32 @@ def read_raw_table(path: Path) -> dict[str, np.ndarray]:
             f"{path}: unsupported file type {suffix or '(none)'!r}; use CSV, Parquet or NumPy"
         )
     try:
+        size = path.stat().st_size
+        if size == 0:
+            raise DataError(f"{path}: the file is empty (0 bytes)")
         if suffix in (".npy", ".npz"):
             return _read_numpy(path)
+        if suffix in (".csv", ".tsv", ".txt"):
+            _check_text(path)
         return _read_arrow(path, suffix)
     except DataError:
         raise
     except Exception as error:  # pyarrow/numpy raise many types for unreadable files
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{path}: cannot read as {suffix[1:]} ({message})") from None
+
+
+def _check_text(path: Path) -> None:
+    """Refuse binary content early: CSV parsers happily read it as one odd column."""
+    with open(path, "rb") as handle:
+        head = handle.read(65536)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 4:  # not merely a character cut at the end of the sample
+            raise DataError(f"{path}: not a text file (binary or non-UTF-8 content)") from None
+    if b"\0" in head:
+        raise DataError(f"{path}: not a text file (binary content)")
 
 
 def _read_arrow(path: Path, suffix: str) -> dict[str, np.ndarray]:

@@ -42,6 +42,31 @@ def write_with(path: Path, writer: Callable[[Path], None]) -> Path:
     return path
 
 
+def check_parent(path: Path, option: str) -> None:
+    """Refuse a ``path`` whose nearest existing ancestor is a file: it could never be written."""
+    from .errors import OptionError
+
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OptionError(f"{option} {path}: {ancestor} is not a folder")
+
+
+def check_output_dir(path: Path, *, overwrite: bool = False) -> None:
+    """Refuse an ``--out`` that is a file, or a non-empty folder unless ``overwrite``.
+
+    Call it before a long fit, so the refusal comes before the work.
+    """
+    from .errors import OptionError
+
+    check_parent(path, "--out")
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"--out {path}: exists and is not a folder")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise OptionError(f"--out {path}: folder exists and is not empty; use --overwrite")
+
+
 @contextlib.contextmanager
 def output_dir(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Stage outputs in a hidden sibling folder and move them into ``path`` only on success.
@@ -50,12 +75,7 @@ def output_dir(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     ``path`` is refused unless ``overwrite``; then each file replaces its old version
     atomically.
     """
-    from .errors import OptionError
-
-    if path.exists() and not path.is_dir():
-        raise OptionError(f"--out {path}: exists and is not a folder")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise OptionError(f"--out {path}: folder exists and is not empty; use --overwrite")
+    check_output_dir(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import checkpoint as checkpoints
 from . import stats
 from .data import prepare_data
 from .errors import ModelError, OptionError, unknown_name
-from .loop import Hook, LoopOutcome, Problem, run_lbfgs, run_loop
+from .files import check_parent
+from .loop import Hook, LoopOutcome, LoopState, Problem, chain_hooks, run_lbfgs, run_loop
 from .losses import Loss, get_loss
-from .models import Model, as_model
+from .models import BUILTINS, Model, as_model, get_builtin
 from .optim import DEFAULT_LR, FIRST_ORDER, OPTIMIZERS
 from .parameters import Bound, ParameterSpace
 from .progress import progress_bar
@@ -46,6 +49,9 @@ def fit(
     device: torch.device | str | None = None,
     progress: bool = False,
     hook: Hook | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: str | Path | None = None,
 ) -> FitResult:
     """Fit ``model`` to ``(x, y)`` by minimising ``loss``.
 
@@ -64,16 +70,24 @@ def fit(
         lr, epochs, tol: learning rate, epoch (LM: iteration) limit, relative loss-change stop.
         absolute_sigma: take ``sigma`` as absolute (do not rescale the covariance by χ²ᵣ).
         dtype: float64 unless given.
+        hook: called as ``hook(epoch, loss)`` after every epoch; returning True stops the fit
+            with status ``"interrupted"`` (``signals.stop_on_signals`` makes one for Ctrl-C).
+        checkpoint, checkpoint_every: save the loop's state to this file every N epochs
+            (default 1000 for gd/sgd/adam, every iteration for lm/lbfgs) and at the end.
+        resume: continue from this checkpoint; it must come from the same model, data and
+            options (exact for gd/sgd/adam/lbfgs; LM restarts from the saved parameters).
 
     Example:
         >>> import gradfit as gf
         >>> x, y = gf.datasets.quadratic(seed=0)
         >>> result = gf.fit("a*x**2 + b*x + c", x, y)
-        >>> result.converged, round(result.params["a"])
-        (True, 20)
+        >>> result.converged, round(result.params["a"])  # the noisy data's optimum, not 20
+        (True, 18)
     """
     if seed is not None:
         torch.manual_seed(seed)
+    if isinstance(model, str):
+        check_model_name(model)
     model = as_model(model)
     dtype = dtype or torch.float64
     data = prepare_data(
@@ -93,22 +107,49 @@ def fit(
     space = ParameterSpace.build(model.param_names, bounds, fixed)
     if data.n_points < len(space.free):
         raise OptionError(
-            f"{data.n_points} data points cannot determine {len(space.free)} free parameters"
+            f"{data.n_points} data points cannot determine {len(space.free)} free parameters "
+            f"({', '.join(space.free_names)}); fix some or give more points"
         )
     p_start = _starting_params(model, p0, data.x, data.y, dtype, data.y.device)
     space.check_start(p_start)
     _check_model_output(model, data.x, data.y, p_start)
     problem = Problem(model, data.x, data.y, loss_fn, space)
     theta = space.to_theta(p_start.unsqueeze(0))[0]
+    lr = _learning_rate(optimizer, lr)
+    identity = checkpoints.identify(problem, optimizer, lr) if checkpoint or resume else {}
+    if resume is not None:
+        state = checkpoints.load_checkpoint(resume, identity, theta.device)
+    else:
+        state = LoopState(theta.detach().clone().requires_grad_(optimizer != "lm"))
+    if checkpoint is not None:
+        every = _checkpoint_every(checkpoint_every, optimizer, checkpoint)
+        hook = chain_hooks(hook, checkpoints.checkpoint_hook(checkpoint, state, identity, every))
     total = epochs or (15_000 if optimizer in FIRST_ORDER else 0)
     with progress_bar(hook, total) if progress else contextlib.nullcontext(hook) as hooks:
-        if optimizer == "lm":
-            from .optim.least_squares import run_lm
-
-            outcome = run_lm(problem, theta, max_iter=epochs, tol=tol, hook=hooks)
-        else:
-            outcome = _run_gradient(problem, theta, optimizer, lr, epochs, tol, hooks)
+        outcome = _optimise(problem, state, optimizer, lr, epochs, tol, hooks)
+    if checkpoint is not None and outcome.status != "diverged":  # resumable where it stopped
+        checkpoints.save_checkpoint(checkpoint, state, identity)
     return _result(problem, outcome, optimizer, data.n_omitted, absolute_sigma)
+
+
+def check_model_name(text: str, independent: Sequence[str] = ("x",)) -> None:
+    """Refuse a bare word that is not a built-in: it is a typo, not a constant model.
+
+    An expression of one parameter alone would be a constant; written with the variable
+    (``"c + 0*x"``) it still works.
+
+    Example:
+        >>> check_model_name("gausian")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        gradfit.errors.OptionError: unknown model 'gausian' (did you mean 'gaussian'?); ...
+    """
+    name = text.strip()
+    if not name.isidentifier() or name in independent or get_builtin(name) is not None:
+        return
+    error = unknown_name("model", name, [*BUILTINS, "polynomialN"])
+    var = independent[0]
+    raise OptionError(f"{error}; or write an expression in {var}, such as 'a*{var} + b'")
 
 
 def _choose_optimizer(name: str, loss: Loss) -> str:
@@ -163,23 +204,43 @@ def _check_model_output(model: Model, x: Any, y: Tensor, p: Tensor) -> None:
         )
 
 
-def _run_gradient(
+def _learning_rate(optimizer: str, lr: float | None) -> float | None:
+    if optimizer == "lm":
+        return None  # LM chooses its own steps
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    if not lr > 0:
+        raise OptionError(f"lr must be > 0, got {lr}")
+    return lr
+
+
+def _checkpoint_every(every: int | None, optimizer: str, path: str | Path) -> int:
+    check_parent(Path(path), "checkpoint")  # fail now, not at the first save
+    every = checkpoints.DEFAULT_EVERY[optimizer] if every is None else every
+    if not every >= 1:
+        raise OptionError(f"checkpoint_every must be >= 1, got {every}")
+    return int(every)
+
+
+def _optimise(
     problem: Problem,
-    theta: Tensor,
+    state: LoopState,
     optimizer: str,
     lr: float | None,
     epochs: int | None,
     tol: float | None,
     hook: Hook | None,
 ) -> LoopOutcome:
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    if not lr > 0:
-        raise OptionError(f"lr must be > 0, got {lr}")
-    theta = theta.detach().clone().requires_grad_()
+    """Run ``optimizer`` from ``state`` (fresh, or restored from a checkpoint)."""
+    if optimizer == "lm":
+        from .optim.least_squares import run_lm
+
+        return run_lm(problem, state, max_iter=epochs, tol=tol, hook=hook)
+    assert lr is not None
     if optimizer == "lbfgs":
-        return run_lbfgs(problem, theta, lr=lr, epochs=epochs or 100, tol=tol or 1e-12, hook=hook)
+        return run_lbfgs(problem, state, lr=lr, epochs=epochs or 100, tol=tol or 1e-12, hook=hook)
     step = FIRST_ORDER[optimizer](lr=lr)
-    return run_loop(problem, theta, step, epochs=epochs or 15_000, tol=tol, hook=hook)
+    state.optimizer_state = checkpoints.restore_into(step.init(state.theta), state.optimizer_state)
+    return run_loop(problem, state, step, epochs=epochs or 15_000, tol=tol, hook=hook)
 
 
 def _result(

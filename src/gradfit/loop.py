@@ -4,6 +4,9 @@ One step reads like the post's ``apply_step``: forward ``f(x, params)``, loss, b
 update, and (because ``autograd.grad`` does not accumulate) no gradient to zero. The loop
 records the loss history and stops on ``epochs``, on a relative loss change below ``tol``,
 on a non-finite loss (keeping the best parameters seen), or when the hook asks it to.
+
+Everything the loop carries from one epoch to the next lives in a ``LoopState``, so a
+checkpoint (``checkpoint.py``) can save it from a hook and a later run can continue it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,6 +43,22 @@ class Problem:
 
 
 @dataclass
+class LoopState:
+    """What the loop carries between epochs: exactly what a checkpoint saves."""
+
+    theta: Tensor  # the free parameters (a leaf requiring grad for first-order steps)
+    optimizer_state: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0  # epochs (LM: iterations) done, across resumed runs
+    history: list[float] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_theta: Tensor | None = None  # the parameters best_loss belongs to
+
+    def __post_init__(self) -> None:
+        if self.best_theta is None:
+            self.best_theta = self.theta.detach().clone()
+
+
+@dataclass
 class LoopOutcome:
     theta: Tensor
     loss: float
@@ -61,44 +81,42 @@ def apply_step(problem: Problem, theta: Tensor, optimizer: object, state: dict) 
 
 def run_loop(
     problem: Problem,
-    theta: Tensor,
+    start: Tensor | LoopState,
     optimizer: object,
     *,
     epochs: int,
     tol: float | None = None,
     hook: Hook | None = None,
-    state: dict | None = None,
-    start_epoch: int = 0,
-    history: list[float] | None = None,
 ) -> LoopOutcome:
-    """Run first-order ``optimizer`` steps on ``theta`` (a leaf tensor requiring grad)."""
-    state = optimizer.init(theta) if state is None else state  # type: ignore[attr-defined]
-    history = [] if history is None else history
-    best_loss, best_theta = math.inf, theta.detach().clone()
+    """Run first-order ``optimizer`` steps from ``start``: ``theta`` or a saved ``LoopState``."""
+    state = start if isinstance(start, LoopState) else LoopState(start)
+    if not state.optimizer_state:  # a fresh run (gd's state is empty either way)
+        state.optimizer_state = optimizer.init(state.theta)  # type: ignore[attr-defined]
+    theta, history = state.theta, state.history
     before = theta.detach().clone()  # the parameters this epoch's loss belongs to
     status, message = "max_epochs", f"stopped after the maximum of {epochs} epochs"
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(state.epoch, epochs):
         before.copy_(theta.data)
-        loss = apply_step(problem, theta, optimizer, state).item()
+        loss = apply_step(problem, theta, optimizer, state.optimizer_state).item()
         if not math.isfinite(loss):
             status, message = "diverged", _diverged_message(epoch, loss)
             break
         history.append(loss)
-        if loss < best_loss:
-            best_loss = loss
-            before, best_theta = best_theta, before  # swap buffers instead of cloning
+        state.epoch = epoch + 1
+        if loss < state.best_loss:  # swap buffers instead of cloning
+            state.best_loss, before, state.best_theta = loss, state.best_theta, before
         if _small_change(history, tol):
             status, message = "converged", f"relative loss change below tol={tol}"
             break
         if hook is not None and hook(epoch, loss):
             status, message = "interrupted", f"interrupted after epoch {epoch}"
             break
-    return _finish(problem, theta, best_theta, best_loss, history, status, message)
+    return _finish(problem, state, status, message)
 
 
 def run_lbfgs(
     problem: Problem,
-    theta: Tensor,
+    start: Tensor | LoopState,
     *,
     lr: float,
     epochs: int,
@@ -106,10 +124,14 @@ def run_lbfgs(
     hook: Hook | None = None,
 ) -> LoopOutcome:
     """``torch.optim.LBFGS`` with a strong-Wolfe line search; one epoch is one ``step``."""
+    state = start if isinstance(start, LoopState) else LoopState(start)
+    theta, history = state.theta, state.history
     optimizer = torch.optim.LBFGS(
         [theta], lr=lr, max_iter=20, line_search_fn="strong_wolfe",
         tolerance_grad=1e-12, tolerance_change=1e-15, history_size=20,
     )  # fmt: skip
+    if state.optimizer_state:  # resuming: its curvature pairs make the continuation exact
+        optimizer.load_state_dict(state.optimizer_state)
 
     def closure() -> Tensor:
         optimizer.zero_grad(set_to_none=True)  # backward() accumulates into .grad
@@ -117,24 +139,41 @@ def run_lbfgs(
         loss.backward()
         return loss
 
-    history: list[float] = []
-    best_loss, best_theta = math.inf, theta.detach().clone()
+    before = theta.detach().clone()
     status, message = "max_epochs", f"stopped after the maximum of {epochs} epochs"
-    for epoch in range(epochs):
+    for epoch in range(state.epoch, epochs):
+        before.copy_(theta.data)
         loss = float(optimizer.step(closure).detach())  # the loss before this step's line searches
+        state.optimizer_state = optimizer.state_dict()  # references, not copies: cheap
         if not math.isfinite(loss):
             status, message = "diverged", _diverged_message(epoch, loss)
             break
         history.append(loss)
-        if loss < best_loss:
-            best_loss = loss
+        state.epoch = epoch + 1
+        if loss < state.best_loss:
+            state.best_loss, before, state.best_theta = loss, state.best_theta, before
         if _small_change(history, tol):
             status, message = "converged", f"relative loss change below tol={tol}"
             break
         if hook is not None and hook(epoch, loss):
             status, message = "interrupted", f"interrupted after epoch {epoch}"
             break
-    return _finish(problem, theta, best_theta, best_loss, history, status, message)
+    return _finish(problem, state, status, message)
+
+
+def chain_hooks(*hooks: Hook | None) -> Hook | None:
+    """One hook that calls each given hook in order and stops when any of them asks to."""
+    active = [hook for hook in hooks if hook is not None]
+    if len(active) <= 1:  # no wrapper, so no cost, for the common cases
+        return active[0] if active else None
+
+    def chained(epoch: int, loss: float) -> bool:
+        stop = False
+        for hook in active:  # every hook runs: a checkpoint still saves on a stop request
+            stop = bool(hook(epoch, loss)) or stop
+        return stop
+
+    return chained
 
 
 def _small_change(history: list[float], tol: float | None) -> bool:
@@ -151,19 +190,12 @@ def _diverged_message(epoch: int, loss: float) -> str:
     )
 
 
-def _finish(
-    problem: Problem,
-    theta: Tensor,
-    best_theta: Tensor,
-    best_loss: float,
-    history: list[float],
-    status: str,
-    message: str,
-) -> LoopOutcome:
+def _finish(problem: Problem, state: LoopState, status: str, message: str) -> LoopOutcome:
     # the last update's result was never scored: score it and keep whichever is better
     with torch.no_grad():
-        final = theta.detach().clone()
+        final = state.theta.detach().clone()
         final_loss = float(problem.objective(final))
-    if not math.isfinite(final_loss) or final_loss > best_loss:
-        final, final_loss = best_theta, best_loss
-    return LoopOutcome(final, final_loss, history, status, message)
+    if not math.isfinite(final_loss) or final_loss > state.best_loss:
+        assert state.best_theta is not None
+        final, final_loss = state.best_theta.clone(), state.best_loss
+    return LoopOutcome(final, final_loss, list(state.history), status, message)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
-from ..loop import Hook, LoopOutcome, Problem
-from .lm import LMStatus, describe, levenberg_marquardt
+from ..loop import Hook, LoopOutcome, LoopState, Problem
+from .lm import DEFAULT_MAX_ITER, LMStatus, autodiff_jacobian, describe, levenberg_marquardt
 
 Tensor = torch.Tensor
 
@@ -40,9 +41,21 @@ def residual_functions(
 
 
 def run_lm(
-    problem: Problem, theta: Tensor, *, max_iter: int | None, tol: float | None, hook: Hook | None
+    problem: Problem,
+    start: Tensor | LoopState,
+    *,
+    max_iter: int | None,
+    tol: float | None,
+    hook: Hook | None,
 ) -> LoopOutcome:
-    """Minimise ``problem``'s least-squares loss with the batched LM kernel at K = 1."""
+    """Minimise ``problem``'s least-squares loss with the batched LM kernel at K = 1.
+
+    ``start`` may be a ``LoopState`` from a checkpoint: LM then restarts from its best
+    parameters, keeping the history and the iteration count (not bit for bit: the kernel's
+    damping starts afresh). ``state.theta`` tracks the best point evaluated so far, which is
+    what a checkpoint hook saves.
+    """
+    state = start if isinstance(start, LoopState) else LoopState(start.detach())
     loss = problem.loss
     residuals, jacobian = residual_functions(problem)
     robust = None if loss.name in ("mse", "sse", "chi2") else loss.rho
@@ -51,23 +64,35 @@ def run_lm(
     to_loss = (2.0 if loss.reduction == "sum" else 2.0 / n_points) * (
         loss.f_scale**2 if robust is not None else 1.0
     )
-    history: list[float] = []
+    # the kernel reports costs, not parameters: score each point it evaluates instead
+    loss_of_residuals = replace(loss, sigma=None)  # residuals arrive already divided by sigma
+    evaluate = jacobian or autodiff_jacobian(residuals)
+
+    def tracked(theta: Tensor) -> tuple[Tensor, Tensor]:
+        r, J = evaluate(theta)
+        value = float(loss_of_residuals(r, torch.zeros_like(r)))
+        if value < state.best_loss:
+            state.best_loss, state.best_theta = value, theta[0].detach().clone()
+            state.theta = state.best_theta
+        return r, J
+
     stopped: list[int] = []
 
     def callback(iteration: int, cost: Tensor) -> bool:
-        history.append(float(cost[0]) * to_loss)
-        if hook is not None and hook(iteration, history[-1]):
-            stopped.append(iteration)
+        epoch = state.epoch  # iterations done before this one, across resumed runs
+        state.history.append(float(cost[0]) * to_loss)
+        state.epoch += 1
+        if hook is not None and hook(epoch, state.history[-1]):
+            stopped.append(epoch)
             return True
         return False
 
-    options = {} if tol is None else {"ftol": tol}
-    if max_iter is not None:
-        options["max_iter"] = max_iter
+    options: dict[str, float | int] = {} if tol is None else {"ftol": tol}
+    options["max_iter"] = max(0, (max_iter or DEFAULT_MAX_ITER) - state.epoch)
     result = levenberg_marquardt(
         residuals,
-        theta.detach().unsqueeze(0),
-        jacobian=jacobian,
+        state.theta.detach().unsqueeze(0),
+        jacobian=tracked,
         robust=robust,
         f_scale=loss.f_scale,
         callback=callback,
@@ -86,4 +111,4 @@ def run_lm(
     if stopped:
         status, message = "interrupted", f"interrupted after iteration {stopped[0]}"
     final_loss = float(result.cost[0]) * to_loss
-    return LoopOutcome(result.theta[0], final_loss, history, status, message)
+    return LoopOutcome(result.theta[0], final_loss, list(state.history), status, message)
