@@ -73,8 +73,8 @@ def fit_batch(
         >>> x = torch.linspace(0, 1, 20, dtype=torch.float64)
         >>> Y = torch.stack([2 * x + 1, -x + 3])
         >>> result = gf.fit_batch("a*x + b", x, Y)
-        >>> result.params.round(decimals=6).tolist(), result.status_names
-        ([[2.0, 1.0], [-1.0, 3.0]], ['converged_ftol', 'converged_ftol'])
+        >>> result.params.round(decimals=6).tolist(), result.converged.tolist()
+        ([[2.0, 1.0], [-1.0, 3.0]], [True, True])
     """
     if optimizer != "lm":
         raise OptionError(

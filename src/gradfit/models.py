@@ -142,10 +142,7 @@ class Model:
     def _call_expression(self, x: Variables, params: Tensor) -> Tensor:
         assert self.expression is not None
         out = self.expression.evaluate(self._variables(x, params))
-        shape = self._shape(x, params)
-        if not isinstance(out, Tensor):
-            return torch.full(shape, float(out), dtype=params.dtype, device=params.device)
-        return out if out.shape == shape else out.expand(shape)
+        return _broadcast(out, self._shape(x, params), params)
 
     def jacobian(self, x: Variables, params: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(f(x, params), ∂f/∂params)`` with shapes ``[..., N]`` and ``[..., N, P]``.
@@ -159,12 +156,9 @@ class Model:
         shape = self._shape(x, params)
         y = self.expression.evaluate(variables)
         cols = [d.evaluate(variables) for d in self._derivatives]
-        cols = [
-            c.expand(shape) if isinstance(c, Tensor) else torch.full(shape, float(c)).to(params)
-            for c in cols
-        ]
-        y = y.expand(shape) if isinstance(y, Tensor) else torch.full(shape, float(y)).to(params)
-        return y, torch.stack(cols, dim=-1)
+        # constant derivatives come back as numbers or 0-d CPU tensors: place and broadcast them
+        cols = [_broadcast(c, shape, params) for c in cols]
+        return _broadcast(y, shape, params), torch.stack(cols, dim=-1)
 
     def _call_module(self, x: Variables, params: Tensor) -> Tensor:
         assert self.module is not None
@@ -201,6 +195,12 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.formula!r}, params={list(self.param_names)})"
+
+
+def _broadcast(value: Tensor | float, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    if not isinstance(value, Tensor) or value.dim() == 0:
+        return torch.full(shape, float(value), dtype=like.dtype, device=like.device)
+    return value if tuple(value.shape) == shape else value.expand(shape)
 
 
 @functools.lru_cache(maxsize=256)
