@@ -158,6 +158,60 @@ def fit_command(
         raise typer.Exit(EXIT_DIVERGED)
 
 
+@app.command(name="fit-many")
+def fit_many_command(
+    data: Annotated[Path, typer.Argument(help="Long-form CSV/Parquet, or wide .npz (x, y).")],
+    model: Annotated[str, typer.Option("--model", help="Expression or built-in name.")],
+    out: Annotated[Path, typer.Option("--out", help="Results: one row per group (.parquet/.csv).")],
+    group: Annotated[str | None, typer.Option("--group", help="Group key column.")] = None,
+    x: Annotated[str, typer.Option("--x", help="x column.")] = "x",
+    y: Annotated[str, typer.Option("--y", help="y column.")] = "y",
+    sigma: Annotated[str | None, typer.Option("--sigma", help="Column of y's std devs.")] = None,
+    p0: Annotated[str | None, typer.Option("--p0", help="Starting values: a=1,b=2.")] = None,
+    bounds: Annotated[str | None, typer.Option("--bounds", help="Bounds: k=0:inf.")] = None,
+    fix: Annotated[str | None, typer.Option("--fix", help="Fixed values: c=0.")] = None,
+    loss: Annotated[str, typer.Option(help="mse sse chi2 huber soft_l1 cauchy arctan.")] = "mse",
+    f_scale: Annotated[float, typer.Option("--f-scale", help="Robust loss scale.")] = 1.0,
+    epochs: Annotated[int | None, typer.Option(help="LM iteration limit per curve.")] = None,
+    dtype: Annotated[str, typer.Option(help="float64 or float32.")] = "float64",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... [default: cpu].")] = None,
+    chunk_size: Annotated[int | None, typer.Option(min=1, help="Curves per chunk.")] = None,
+    nan_policy: Annotated[str, typer.Option("--nan-policy", help="raise or omit.")] = "raise",
+    absolute_sigma: Annotated[bool, typer.Option("--absolute-sigma")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip chunks already written.")] = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Fit MODEL to every group of DATA at once; write one row of params ± stderr per group.
+
+    Finished chunks are kept beside --out (in OUT.parts/) until the run completes, so a killed
+    or interrupted run continues with --resume and loses at most one chunk.
+    """
+    from .commands import run_fit_many_command
+    from .signals import stop_on_signals
+
+    with stop_on_signals() as stop:
+        try:
+            result = run_fit_many_command(
+                data, model=model, out=out, group=group, x=x, y=y, sigma=sigma, p0=p0,
+                bounds=bounds, fix=fix, loss=loss, f_scale=f_scale, epochs=epochs, dtype=dtype,
+                device=device, chunk_size=chunk_size, nan_policy=nan_policy,
+                absolute_sigma=absolute_sigma, resume=resume, overwrite=overwrite,
+                stop=lambda: stop.requested,
+            )  # fmt: skip
+        except GradfitError as error:
+            raise fail(str(error)) from None
+        except OSError as error:
+            raise fail(f"cannot write {error.filename}: {error.strerror or error}") from None
+        except KeyboardInterrupt:
+            raise fail("interrupted twice: stopped at once; finished chunks kept", 130) from None
+    if result is None:
+        print(f"note: stopped by {stop.name}; finished chunks are kept: continue with "
+              f"the same command and --resume", file=sys.stderr)  # fmt: skip
+        raise typer.Exit(stop.exit_code)
+    console.print(result.summary(), highlight=False, markup=False)
+    console.print(f"wrote {out} ({len(result)} rows)", highlight=False)
+
+
 @app.command()
 def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the built-in models with their formulas and parameters."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from .batch_result import BatchResult
 from .data import prepare_data, read_table
 from .errors import OptionError
 from .files import check_output_dir, check_parent, output_dir
@@ -113,3 +115,51 @@ def write_outputs(result: FitResult, folder: Path, report: bool) -> list[Path]:
 
         written.append(write_html_report(result, folder / "report.html", written[1:]))
     return written
+
+
+DTYPES = {"float64": "float64", "float32": "float32", "double": "float64", "float": "float32"}
+
+
+def run_fit_many_command(
+    data: Path,
+    *,
+    model: str,
+    out: Path,
+    group: str | None,
+    x: str,
+    y: str,
+    sigma: str | None,
+    p0: str | None,
+    bounds: str | None,
+    fix: str | None,
+    loss: str,
+    f_scale: float,
+    epochs: int | None,
+    dtype: str,
+    device: str | None,
+    chunk_size: int | None,
+    nan_policy: str,
+    absolute_sigma: bool,
+    resume: bool,
+    overwrite: bool,
+    stop: Callable[[], bool] | None = None,
+) -> BatchResult | None:
+    """Parse the options, then ``many.run_fit_many``; None when a signal stopped the run."""
+    import torch
+
+    from .many import run_fit_many
+
+    if dtype not in DTYPES:
+        raise OptionError(f"--dtype must be float64 or float32, got {dtype!r}")
+    the_model, _ = build_model(model, [x])
+    options = {
+        "p0": parse_assignments(p0, "--p0") if p0 else None,
+        "bounds": parse_bounds(bounds) if bounds else None,
+        "fixed": parse_assignments(fix, "--fix") if fix else None,
+    }
+    return run_fit_many(
+        data, model=the_model, group=group, x=x, y=y, sigma=sigma, out=out, resume=resume,
+        overwrite=overwrite, chunk_size=chunk_size, nan_policy=nan_policy, stop=stop,
+        loss=loss, f_scale=f_scale, epochs=epochs, absolute_sigma=absolute_sigma,
+        dtype=getattr(torch, DTYPES[dtype]), device=device, progress=True, **options,
+    )  # fmt: skip

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,9 @@ import numpy as np
 
 from .batch import DEFAULT_MEMORY, _chunk_size, fit_batch
 from .batch_result import BatchResult
-from .data import read_raw_table, to_float
+from .data import NAN_POLICIES, read_raw_table, to_float
 from .errors import DataError, OptionError
-from .files import write_text_atomic
+from .files import check_parent, write_text_atomic
 from .models import Model
 
 OUTPUT_SUFFIXES = (".parquet", ".pq", ".csv")
@@ -53,9 +55,9 @@ def pack_groups(
 
 
 def read_long(
-    path: Path, group: str, x: str, y: str, sigma: str | None
+    path: Path, group: str, x: str, y: str, sigma: str | None, nan_policy: str = "raise"
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Read a long-form CSV/Parquet table and pack it by ``group``."""
+    """Read a long-form CSV/Parquet table, apply the NaN policy, and pack it by ``group``."""
     table = read_raw_table(path)
     wanted = [group, x, y, *([sigma] if sigma else [])]
     for name in wanted:
@@ -75,6 +77,22 @@ def read_long(
             raise DataError(
                 f"{path}: column {sigma!r} must be > 0, got {columns['sigma'][row]} at row {row}"
             )
+    finite = np.ones(len(keys), dtype=bool)
+    for name, values in columns.items():
+        bad = ~np.isfinite(values)
+        if bad.any() and nan_policy == "raise":
+            row = int(np.argmax(bad))
+            column = {"x": x, "y": y, "sigma": sigma}[name]
+            raise DataError(
+                f"{path}: column {column!r} has a non-finite value ({values[row]}) at row {row}; "
+                "clean the data or use --nan-policy omit"
+            )
+        finite &= ~bad
+    if not finite.all():
+        print(f"note: --nan-policy omit dropped {int((~finite).sum())} rows with NaN or inf",
+              file=sys.stderr)  # fmt: skip
+        keys = keys[finite]
+        columns = {name: values[finite] for name, values in columns.items()}
     return pack_groups(np.asarray(keys), columns)
 
 
@@ -105,30 +123,45 @@ def run_fit_many(
     resume: bool = False,
     overwrite: bool = False,
     chunk_size: int | None = None,
+    nan_policy: str = "raise",
+    stop: Callable[[], bool] | None = None,
     **options: Any,
-) -> BatchResult:
-    """Fit every group of ``data``; write ``out`` (Parquet or CSV), chunk by chunk."""
+) -> BatchResult | None:
+    """Fit every group of ``data``; write ``out`` (Parquet or CSV), chunk by chunk.
+
+    Returns None when ``stop()`` turned true: finished chunks stay for ``resume``.
+    """
     suffix = out.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise OptionError(f"--out {out}: use a .parquet or .csv file")
     if out.exists() and not (overwrite or resume):
         raise OptionError(f"--out {out}: file exists; use --overwrite (or --resume)")
+    if out.exists() and out.is_dir():
+        raise OptionError(f"--out {out}: is a folder; give a .parquet or .csv file name")
+    check_parent(out, "--out")
+    if nan_policy not in NAN_POLICIES:
+        raise OptionError(
+            f"--nan-policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}"
+        )
     if data.suffix.lower() in (".npz", ".npy"):
-        keys, packed = read_wide(data)
+        keys, packed = read_wide(data)  # NaN marks padding in wide arrays
     else:
         if group is None:
             raise OptionError("--group is required for long-form CSV/Parquet input")
-        keys, packed = read_long(data, group, x, y, sigma)
+        keys, packed = read_long(data, group, x, y, sigma, nan_policy)
     chunk_size = chunk_size or _chunk_size(
         packed["y"].shape[1], len(model.param_names), DEFAULT_MEMORY
     )
     parts = _PartStore(out, resume=resume, chunk_size=chunk_size, n_curves=len(keys))
-    result = fit_batch(
+    stopped = stop or (lambda: False)
+    fit_batch(
         model, packed["x"], packed["y"], sigma=packed.get("sigma"), chunk_size=parts.chunk_size,
         on_chunk=lambda start, chunk: parts.write(start, chunk, keys, group or "curve"),
-        skip_chunk=parts.done, **options,
+        skip_chunk=lambda start, stop: parts.done(start, stop) or stopped(), **options,
     )  # fmt: skip
-    del result  # chunks are re-read from disk so resumed and fresh runs give one table
+    if stopped():
+        return None
+    # the table is re-read from the parts, so fresh and resumed runs write the same thing
     final = parts.combine(keys, group or "curve")
     final.save(out)
     parts.clean()
@@ -187,7 +220,7 @@ def _from_table(table: Any, key_name: str) -> BatchResult:
 
     codes = {name: code for code, name in STATUS_NAMES.items()}
     names = [c[: -len("_stderr")] for c in table.column_names if c.endswith("_stderr")]
-    col = lambda name: torch.as_tensor(table.column(name).to_numpy())  # noqa: E731
+    col = lambda name: torch.as_tensor(np.array(table.column(name).to_numpy()))  # noqa: E731
     return BatchResult(
         params=torch.stack([col(n) for n in names], dim=1),
         stderr=torch.stack([col(f"{n}_stderr") for n in names], dim=1),
