@@ -142,9 +142,7 @@ def _gauss(b: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 
 def _lanczos(b: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return (
-        b[0] * torch.exp(-b[1] * x) + b[2] * torch.exp(-b[3] * x) + b[4] * torch.exp(-b[5] * x)
-    )
+    return b[0] * torch.exp(-b[1] * x) + b[2] * torch.exp(-b[3] * x) + b[4] * torch.exp(-b[5] * x)
 
 
 def _enso(b: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
