@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._malloc import reuse_freed_memory
 from .batch_result import TOO_FEW_POINTS, BatchResult, concat
 from .errors import DataError, OptionError
 from .loop import Problem
@@ -93,7 +94,7 @@ def fit_batch(
     K, N = data["y"].shape
     chunk = chunk_size or _chunk_size(N, len(model.param_names), memory_budget)
     results = []
-    with _progress(progress, K) as advance:
+    with _progress(progress, K) as advance, reuse_freed_memory():
         for start in range(0, K, chunk):
             stop = min(start + chunk, K)
             if skip_chunk is not None and skip_chunk(start, stop):
@@ -211,7 +212,7 @@ def _fit_chunk(
     p_start = _start(model, p0, x, y, mask, start, stop)
     space.check_start(p_start)
     problem = Problem(model, x, y, loss_fn.with_options(f_scale=f_scale, sigma=sigma), space)
-    residuals, jacobian = residual_functions(problem)
+    residuals, stacked = residual_functions(problem)
     n_valid = mask.sum(-1)
     few = n_valid < len(space.free)
     options: dict[str, Any] = {} if tol is None else {"ftol": tol}
@@ -219,12 +220,13 @@ def _fit_chunk(
         options["max_iter"] = epochs
     robust = None if loss_fn.name in ("mse", "sse", "chi2") else loss_fn.rho
     solved = levenberg_marquardt(
-        residuals, space.to_theta(p_start), jacobian=jacobian, mask=mask, robust=robust,
+        residuals, space.to_theta(p_start), stacked=stacked, robust=robust,
+        mask=None if bool(mask.all()) else mask,
         f_scale=f_scale, **options,
     )  # fmt: skip
     params = space.to_params(solved.theta)
     status = torch.where(few, TOO_FEW_POINTS, solved.status)
-    stats = _curve_statistics(problem, params, mask, absolute_sigma)
+    stats = _curve_statistics(problem, params, mask, absolute_sigma, solved.rows)
     # the kernel's cost is 0.5 Σ f_scale²·rho; the user's loss is its mean or sum
     scale = 2 * (f_scale**2 if robust is not None else 1.0)
     per_point = n_valid.clamp_min(1) if loss_fn.reduction == "mean" else 1
@@ -237,23 +239,24 @@ def _fit_chunk(
 
 
 def _curve_statistics(
-    problem: Problem, params: Tensor, mask: Tensor, absolute_sigma: bool
+    problem: Problem, params: Tensor, mask: Tensor, absolute_sigma: bool, rows: Tensor
 ) -> dict[str, Tensor]:
-    """Per-curve stderr, reduced χ² and R², from the Jacobian at the solution."""
+    """Per-curve stderr, reduced χ² and R², from the Jacobian at the solution.
+
+    ``rows`` are the kernel's weighted Jacobian rows and residuals at the solution; they are
+    the ones needed here unless bounds transform the parameters.
+    """
     from . import stats
 
-    space, sigma = problem.space, problem.loss.sigma
-    y_pred, J = _batch_jacobian(problem.model, problem.x, params)  # (k, N), (k, N, P)
-    free = space.free
-    weights = 1.0 if sigma is None else 1 / sigma
-    residuals = (y_pred - problem.y) * weights
-    fit_stats = stats.goodness(problem.y, y_pred, residuals, len(free), mask)
-    Jw = torch.where(
-        mask.unsqueeze(-1),
-        J[..., free] * (weights.unsqueeze(-1) if sigma is not None else 1.0),
-        0.0,
-    )
-    normal = Jw.transpose(-1, -2) @ Jw  # (k, F, F)
+    space, free = problem.space, problem.space.free
+    y_pred = problem.model(problem.x, params).detach()
+    if not space.is_identity:
+        rows = _weighted_rows(problem, params, y_pred)
+    if not bool(mask.all()):
+        rows = torch.where(mask.unsqueeze(1), rows, 0.0)
+    jt = rows[:, :-1]  # (k, F, N)
+    fit_stats = stats.goodness(problem.y, y_pred, rows[:, -1], len(free), mask)
+    normal = torch.bmm(jt, jt.mT)  # (k, F, F)
     scale = (
         torch.ones_like(fit_stats["reduced_chi2"]) if absolute_sigma else fit_stats["reduced_chi2"]
     )
@@ -271,15 +274,20 @@ def _curve_statistics(
     return {"stderr": stderr, "reduced_chi2": fit_stats["reduced_chi2"], "r2": fit_stats["r2"]}
 
 
-def _batch_jacobian(model: Model, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-    symbolic = model.jacobian(x, params)
-    if symbolic is not None:
-        return symbolic[0].detach(), symbolic[1].detach()
-    x_dim = 0 if x.dim() == 2 else None
-    with torch.enable_grad():
-        one = lambda xi, pi: model(xi, pi)  # noqa: E731 - one curve, vmapped over the batch
-        J = torch.func.vmap(torch.func.jacfwd(one, argnums=1), in_dims=(x_dim, 0))(x, params)
-    return model(x, params).detach(), J.detach()
+def _weighted_rows(problem: Problem, params: Tensor, y_pred: Tensor) -> Tensor:
+    """(k, F + 1, N): ∂f/∂p for the free parameters, then the residuals, all over sigma."""
+    model, x, free, sigma = problem.model, problem.x, problem.space.free, problem.loss.sigma
+    columns = model.value_and_derivatives(x, params)
+    if columns is not None:
+        jt = torch.stack([columns[1 + i].detach() for i in free], dim=1)
+    else:
+        x_dim = 0 if x.dim() == 2 else None
+        with torch.enable_grad():
+            one = lambda xi, pi: model(xi, pi)  # noqa: E731 - one curve, vmapped over the batch
+            J = torch.func.vmap(torch.func.jacfwd(one, argnums=1), in_dims=(x_dim, 0))(x, params)
+        jt = J.detach()[..., free].mT
+    rows = torch.cat([jt, (y_pred - problem.y).unsqueeze(1)], dim=1)
+    return rows if sigma is None else rows / sigma.unsqueeze(-2)
 
 
 def _empty(model: Model, space: ParameterSpace, loss_fn: Loss) -> BatchResult:

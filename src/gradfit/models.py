@@ -18,6 +18,7 @@ from torch import nn
 from . import _guesses
 from .errors import ModelError, OptionError
 from .expr import Expression, parse_expression
+from .program import Program
 
 Tensor = torch.Tensor
 Variables = Tensor | Mapping[str, Tensor]
@@ -72,7 +73,9 @@ class Model:
         self, text: str, independent: tuple[str, ...], params: Sequence[str] | None
     ) -> None:
         order = None if params is None else tuple(params)
-        self.expression, self.param_names, self._derivatives = _compile(text, independent, order)
+        self.expression, self.param_names, self._value, self._value_and_derivatives = _compile(
+            text, independent, order
+        )
         self.formula = str(self.expression)
         self.name = self.formula
 
@@ -114,6 +117,9 @@ class Model:
     def _variables(self, x: Variables, params: Tensor) -> dict[str, Tensor]:
         if isinstance(x, Mapping):
             variables = dict(x)
+            missing = [n for n in self.independent if n not in variables]
+            if missing:
+                raise ModelError(f"no values given for independent variable(s) {missing}")
         elif len(self.independent) == 1:
             variables = {self.independent[0]: x}
         else:
@@ -121,7 +127,10 @@ class Model:
                 f"the model has independent variables {list(self.independent)}: pass x as a "
                 "mapping name -> array"
             )
-        columns = params.unsqueeze(-1).unbind(-2)  # P views (..., 1): broadcast against (..., N)
+        if params.dim() == 2:  # contiguous columns: broadcasting a strided view is 4x slower
+            columns = params.mT.contiguous().unsqueeze(-1).unbind(0)  # P x (K, 1)
+        else:
+            columns = params.unsqueeze(-1).unbind(-2)  # P views (..., 1): broadcast against x
         variables.update(zip(self.param_names, columns, strict=True))
         return variables
 
@@ -141,7 +150,7 @@ class Model:
 
     def _call_expression(self, x: Variables, params: Tensor) -> Tensor:
         assert self.expression is not None
-        out = self.expression.evaluate(self._variables(x, params))
+        (out,) = self._value.run(self._variables(x, params))
         return _broadcast(out, self._shape(x, params), params)
 
     def jacobian(self, x: Variables, params: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -150,15 +159,22 @@ class Model:
         Expressions differentiate symbolically once, so this costs a few fused tensor
         expressions instead of autodiff; other models return None (use autodiff).
         """
+        columns = self.value_and_derivatives(x, params)
+        if columns is None:
+            return None
+        return columns[0], torch.stack(columns[1:], dim=-1)
+
+    def value_and_derivatives(self, x: Variables, params: Tensor) -> list[Tensor] | None:
+        """``[f, ∂f/∂p_1, ..., ∂f/∂p_P]``, each ``[..., N]``, for expressions; else None.
+
+        One straight-line program computes them all, sharing common subexpressions.
+        """
         if self.expression is None:
             return None
-        variables = self._variables(x, params)
         shape = self._shape(x, params)
-        y = self.expression.evaluate(variables)
-        cols = [d.evaluate(variables) for d in self._derivatives]
+        values = self._value_and_derivatives.run(self._variables(x, params))
         # constant derivatives come back as numbers or 0-d CPU tensors: place and broadcast them
-        cols = [_broadcast(c, shape, params) for c in cols]
-        return _broadcast(y, shape, params), torch.stack(cols, dim=-1)
+        return [_broadcast(v, shape, params) for v in values]
 
     def _call_module(self, x: Variables, params: Tensor) -> Tensor:
         assert self.module is not None
@@ -206,8 +222,12 @@ def _broadcast(value: Tensor | float, shape: tuple[int, ...], like: Tensor) -> T
 @functools.lru_cache(maxsize=256)
 def _compile(
     text: str, independent: tuple[str, ...], params: tuple[str, ...] | None
-) -> tuple[Expression, tuple[str, ...], tuple[Expression, ...]]:
-    """Parse and differentiate once per expression: fits in a loop reuse the work."""
+) -> tuple[Expression, tuple[str, ...], Program, Program]:
+    """Parse, differentiate and compile once per expression: fits in a loop reuse the work.
+
+    Returns the expression, the parameter order, and programs for the value alone and for the
+    value with every derivative (which share their common subexpressions).
+    """
     expression = parse_expression(text, independent)
     names = expression.param_names
     if params is not None:  # the caller chooses the order of the parameter vector
@@ -216,7 +236,13 @@ def _compile(
                 f"params {list(params)} do not match the expression's parameters {list(names)}"
             )
         names = params
-    return expression, names, tuple(expression.diff(name) for name in names)
+    derivatives = [expression.diff(name).root for name in names]
+    return (
+        expression,
+        names,
+        Program([expression.root]),
+        Program([expression.root, *derivatives]),
+    )
 
 
 def as_model(model: Model | str | Callable[..., Tensor] | nn.Module, **kwargs: Any) -> Model:

@@ -8,15 +8,26 @@ from dataclasses import replace
 import torch
 
 from ..loop import Hook, LoopOutcome, LoopState, Problem
-from .lm import DEFAULT_MAX_ITER, LMStatus, autodiff_jacobian, describe, levenberg_marquardt
+from .lm import (
+    DEFAULT_MAX_ITER,
+    LMStatus,
+    autodiff_jacobian,
+    describe,
+    levenberg_marquardt,
+    stack_jacobian,
+)
 
 Tensor = torch.Tensor
 
 
 def residual_functions(
     problem: Problem,
-) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], tuple[Tensor, Tensor]] | None]:
-    """``r(theta)`` ``[K, N]`` and, for expression models, ``(r, J)`` with a symbolic ``J``."""
+) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor] | None]:
+    """``r(theta)`` ``[K, N]`` and, for expression models, the kernel's stacked rows.
+
+    The rows ``[K, F + 1, N]`` are the symbolic derivatives of the residuals with respect to
+    the free (transformed) parameters, then the residuals themselves: one ``torch.stack``.
+    """
     model, space, x, y = problem.model, problem.space, problem.x, problem.y
     sigma = problem.loss.sigma
     free = space.free
@@ -28,16 +39,15 @@ def residual_functions(
     if model.expression is None:
         return residuals, None
 
-    def jacobian(theta: Tensor) -> tuple[Tensor, Tensor]:  # -> (K, N), (K, N, F)
-        y_pred, J = model.jacobian(x, space.to_params(theta))  # type: ignore[misc]
+    def stacked(theta: Tensor) -> Tensor:  # -> (K, F + 1, N)
+        y_pred, *columns = model.value_and_derivatives(x, space.to_params(theta))  # type: ignore[misc]
         if not space.is_identity:  # chain rule through the elementwise bound transforms
-            J = J[..., free] * space.derivative(theta).unsqueeze(-2)
-        r = y_pred - y
-        if sigma is not None:
-            r, J = r / sigma, J / sigma.unsqueeze(-1)
-        return r, J
+            chain = space.derivative(theta).unsqueeze(-1)  # (K, F, 1)
+            columns = [columns[i] * chain[:, j] for j, i in enumerate(free)]
+        rows = torch.stack([*columns, y_pred - y], dim=-2)
+        return rows if sigma is None else rows / sigma.unsqueeze(-2)
 
-    return residuals, jacobian
+    return residuals, stacked
 
 
 def run_lm(
@@ -57,7 +67,7 @@ def run_lm(
     """
     state = start if isinstance(start, LoopState) else LoopState(start.detach())
     loss = problem.loss
-    residuals, jacobian = residual_functions(problem)
+    residuals, stacked = residual_functions(problem)
     robust = None if loss.name in ("mse", "sse", "chi2") else loss.rho
     # the kernel's cost is 0.5 Σ f_scale² rho; the user's loss is its mean or sum
     n_points = problem.y.shape[-1]
@@ -66,15 +76,16 @@ def run_lm(
     )
     # the kernel reports costs, not parameters: score each point it evaluates instead
     loss_of_residuals = replace(loss, sigma=None)  # residuals arrive already divided by sigma
-    evaluate = jacobian or autodiff_jacobian(residuals)
+    evaluate = stacked or stack_jacobian(autodiff_jacobian(residuals))
 
-    def tracked(theta: Tensor) -> tuple[Tensor, Tensor]:
-        r, J = evaluate(theta)
+    def tracked(theta: Tensor) -> Tensor:
+        rows = evaluate(theta)
+        r = rows[:, -1]
         value = float(loss_of_residuals(r, torch.zeros_like(r)))
         if value < state.best_loss:
             state.best_loss, state.best_theta = value, theta[0].detach().clone()
             state.theta = state.best_theta
-        return r, J
+        return rows
 
     stopped: list[int] = []
 
@@ -92,7 +103,7 @@ def run_lm(
     result = levenberg_marquardt(
         residuals,
         state.theta.detach().unsqueeze(0),
-        jacobian=tracked,
+        stacked=tracked,
         robust=robust,
         f_scale=loss.f_scale,
         callback=callback,

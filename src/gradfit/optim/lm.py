@@ -35,6 +35,7 @@ import torch
 Tensor = torch.Tensor
 Residuals = Callable[[Tensor], Tensor]
 Jacobian = Callable[[Tensor], tuple[Tensor, Tensor]]
+Stacked = Callable[[Tensor], Tensor]  # theta -> (K, P + 1, N): Jacobian rows, then residuals
 Robust = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
 
 DEFAULT_FTOL = 1e-15
@@ -102,7 +103,12 @@ class LMResult:
     n_iter: Tensor  # (K,) int64 iterations used
     n_eval: Tensor | int  # residual evaluations (shared by the whole batch)
     status: Tensor  # (K,) int64 LMStatus codes
-    jacobian: Tensor  # (K, N, P) Jacobian of the un-robustified residuals at theta
+    rows: Tensor  # (K, P + 1, N) Jacobian rows of the un-robustified residuals at theta, then r
+
+    @property
+    def jacobian(self) -> Tensor:
+        """(K, N, P) Jacobian of the un-robustified residuals at theta (a view)."""
+        return self.rows[:, :-1].mT
 
 
 def autodiff_jacobian(residuals: Residuals) -> Jacobian:
@@ -140,9 +146,26 @@ class _Point:
     cost2: Tensor  # (K,) twice the cost, Σ rho (rᵀr without a loss): saves a product per use
     grad: Tensor  # (K, P) gradient of the cost
     hess: Tensor  # (K, P, P) Gauss–Newton matrix (rows reweighted with a robust loss)
-    res: Tensor  # (K, N) masked residuals, un-robustified
-    jac: Tensor  # (K, N, P) masked Jacobian, un-robustified
+    rows: Tensor  # (K, P + 1, N) masked Jacobian rows ∂r/∂θ_p, then the residuals r
     weight: Tensor | None  # (K, N) robust row weight rho' + 2 z rho''; None without a loss
+
+    @property
+    def res(self) -> Tensor:  # (K, N) un-robustified residuals
+        return self.rows[:, -1]
+
+    @property
+    def jac_rows(self) -> Tensor:  # (K, P, N) the Jacobian, transposed
+        return self.rows[:, :-1]
+
+
+def stack_jacobian(jacobian: Jacobian) -> Stacked:
+    """Turn ``theta -> (r, J)`` into ``theta -> rows`` (K, P + 1, N): Jᵀ with r below it."""
+
+    def stacked(theta: Tensor) -> Tensor:
+        r, J = jacobian(theta)
+        return torch.cat([J.mT, r.unsqueeze(1)], dim=1)
+
+    return stacked
 
 
 class _Evaluator:
@@ -151,12 +174,12 @@ class _Evaluator:
     def __init__(
         self,
         residuals: Residuals,
-        jacobian: Jacobian,
+        stacked: Stacked,
         mask: Tensor | None,
         robust: Robust | None,
         f_scale: float,
     ) -> None:
-        self.residuals, self.jacobian, self.mask = residuals, jacobian, mask
+        self.residuals, self.stacked, self.mask = residuals, stacked, mask
         self.robust, self.f_scale = robust, f_scale
         self.n_eval = 0
 
@@ -171,24 +194,25 @@ class _Evaluator:
 
     def point(self, theta: Tensor) -> _Point:
         self.n_eval += 1
-        r, J = self.jacobian(theta)
+        rows = self.stacked(theta)
         if self.mask is not None:
-            r, J = self.masked(r), torch.where(self.mask.unsqueeze(-1), J, 0.0)
+            rows = torch.where(self.mask.unsqueeze(1), rows, 0.0)
         if self.robust is not None:
-            return self._robust_point(r, J)
-        hess = torch.bmm(J.mT, J)  # (K, P, P)
-        r_row = r.unsqueeze(1)  # (K, 1, N); bmm, unlike vecdot, needs no (K, N) temporary
-        cost2 = torch.bmm(r_row, r.unsqueeze(-1)).view(-1)
-        return _Point(_poison(cost2, hess), torch.bmm(r_row, J).squeeze(1), hess, r, J, None)
+            return self._robust_point(rows)
+        # One product gives JᵀJ, Jᵀr and rᵀr: [J r]ᵀ[J r] (small-matrix bmm is fastest this way).
+        m = torch.bmm(rows, rows.mT)  # (K, P + 1, P + 1)
+        hess, grad, cost2 = m[:, :-1, :-1], m[:, :-1, -1], m[:, -1, -1]
+        return _Point(_poison(cost2, hess), grad, hess, rows, None)
 
-    def _robust_point(self, r: Tensor, J: Tensor) -> _Point:
+    def _robust_point(self, rows: Tensor) -> _Point:
         """SciPy's ``scale_for_robust_loss_function``: rows weighted by rho' + 2 z rho''."""
+        r, jt = rows[:, -1], rows[:, :-1]
         z = (r / self.f_scale) ** 2
         rho, d1, d2 = (self.masked(t) for t in self.robust(z))  # type: ignore[misc]
         weight = self.masked((d1 + 2 * d2 * z).clamp_min(torch.finfo(r.dtype).eps))  # (K, N)
-        grad = torch.bmm((d1 * r).unsqueeze(1), J).squeeze(1)  # (K, P)
-        hess = torch.bmm(J.mT, weight.unsqueeze(-1) * J)  # (K, P, P)
-        return _Point(_poison(self.f_scale**2 * rho.sum(-1), hess), grad, hess, r, J, weight)
+        grad = torch.bmm((d1 * r).unsqueeze(1), jt.mT).squeeze(1)  # (K, P)
+        hess = torch.bmm(jt * weight.unsqueeze(1), jt.mT)  # (K, P, P)
+        return _Point(_poison(self.f_scale**2 * rho.sum(-1), hess), grad, hess, rows, weight)
 
 
 def _diag(m: Tensor) -> Tensor:
@@ -229,14 +253,12 @@ class _State:
         status = torch.where((_diag(pt.hess) == 0).any(-1), codes["SINGULAR"], status)
         status = torch.where(torch.isfinite(pt.cost2), status, codes["NON_FINITE"])
         # Own the big buffers: later iterations update them in place (no fresh allocations).
-        pt.res, pt.jac = pt.res.clone(), pt.jac.clone()
+        pt.rows = pt.rows.clone()
         lam = torch.full_like(pt.cost2, _LAMBDA0)
         n_iter = torch.zeros(theta.shape[0], dtype=torch.int64, device=dev)
         scale = _diag(pt.hess).clone()
         nu = torch.full_like(lam, 2.0)
-        return cls(
-            theta.clone(), pt, scale, lam, nu, status, n_iter, codes, torch.empty_like(pt.res)
-        )
+        return cls(theta.clone(), pt, scale, lam, nu, status, n_iter, codes, pt.res.clone())
 
     def accept(self, ok: Tensor, trial: Tensor, new: _Point) -> None:
         """Move the curves with ``ok`` to ``trial``; the others keep everything."""
@@ -246,8 +268,7 @@ class _State:
         pt.cost2 = torch.where(ok, new.cost2, pt.cost2)
         pt.grad = torch.where(o1, new.grad, pt.grad)
         pt.hess = torch.where(o2, new.hess, pt.hess)
-        torch.where(o1, new.res, pt.res, out=pt.res)
-        torch.where(o2, new.jac, pt.jac, out=pt.jac)
+        torch.where(o2, new.rows, pt.rows, out=pt.rows)
         if pt.weight is not None:
             pt.weight = torch.where(o1, new.weight, pt.weight)  # type: ignore[arg-type]
         grown = torch.maximum(self.scale * _SCALE_DECAY, _diag(pt.hess))
@@ -255,7 +276,7 @@ class _State:
 
     def result(self, n_eval: int) -> LMResult:
         status = torch.where(self.status == LMStatus.RUNNING, LMStatus.MAX_ITER, self.status)
-        return LMResult(self.theta, 0.5 * self.pt.cost2, self.n_iter, n_eval, status, self.pt.jac)
+        return LMResult(self.theta, 0.5 * self.pt.cost2, self.n_iter, n_eval, status, self.pt.rows)
 
 
 def _geodesic(
@@ -270,11 +291,11 @@ def _geodesic(
     """
     h, pt = _GEODESIC_H, st.pt
     # u is built in a scratch buffer of the state: no fresh (K, N) allocations per iteration.
-    u = torch.sub(ev.value(st.theta + h * v), pt.res, out=st.scratch).unsqueeze(-1)
-    u.baddbmm_(pt.jac, v.unsqueeze(-1), alpha=-h)  # (K, N, 1)
+    u = torch.sub(ev.value(st.theta + h * v), pt.res, out=st.scratch).unsqueeze(1)
+    u.baddbmm_(v.unsqueeze(1), pt.jac_rows, alpha=-h)  # (K, 1, N); row-vector products are fast
     if pt.weight is not None:
-        u = pt.weight.unsqueeze(-1) * u
-    s = torch.cholesky_solve(torch.bmm(pt.jac.mT, u), L).squeeze(-1)  # (K, P)
+        u = pt.weight.unsqueeze(1) * u
+    s = torch.cholesky_solve(torch.bmm(u, pt.jac_rows.mT).mT, L).squeeze(-1)  # (K, P)
     # 2|Da| <= alpha |Dv|  <=>  |Ds|² <= (alpha h² / 4)² |Dv|²; NaN is not trusted.
     trusted = torch.linalg.vecdot(st.scale * s, s) <= (_GEODESIC_ALPHA * h * h / 4) ** 2 * dv2
     return torch.where(trusted.unsqueeze(-1), torch.add(v, s, alpha=-1 / h**2), v), trusted
@@ -337,6 +358,7 @@ def levenberg_marquardt(
     theta0: Tensor,
     *,
     jacobian: Jacobian | None = None,
+    stacked: Stacked | None = None,
     mask: Tensor | None = None,
     robust: Robust | None = None,
     f_scale: float = 1.0,
@@ -353,6 +375,8 @@ def levenberg_marquardt(
         residuals: ``theta (K, P) -> r (K, N)``, already weighted by 1/sigma.
         theta0: starting points (K, P); their dtype and device are those of the computation.
         jacobian: ``theta -> (r, J (K, N, P))``; default: autograd (:func:`autodiff_jacobian`).
+        stacked: ``theta -> (K, P + 1, N)``, the Jacobian's rows ∂r/∂θ_p followed by r: the
+            kernel's own layout, which saves a copy per evaluation (overrides ``jacobian``).
         mask: (K, N) bool, False drops a point (its residual and Jacobian rows may be NaN).
         robust: ``z -> (rho, rho', rho'')`` elementwise with ``z = (r / f_scale)**2`` (SciPy's
             convention); the fit is then iteratively reweighted like SciPy's ``least_squares``.
@@ -388,7 +412,9 @@ def levenberg_marquardt(
     eps = torch.finfo(theta0.dtype).eps
     noise = _COST_NOISE * eps
     tol = _Tols(max(ftol, eps), max(ftol, noise), noise, max(xtol, eps), max(gtol, eps))
-    ev = _Evaluator(residuals, jacobian or autodiff_jacobian(residuals), mask, robust, f_scale)
+    if stacked is None:
+        stacked = stack_jacobian(jacobian or autodiff_jacobian(residuals))
+    ev = _Evaluator(residuals, stacked, mask, robust, f_scale)
     theta = theta0.detach()
     st = _State.start(theta, ev.point(theta), tol.g)
     for it in range(1, max_iter + 1):
