@@ -26,7 +26,10 @@ from .parameters import Bound, ParameterSpace
 from .small_linalg import MAX_P, cholesky, cholesky_inverse
 
 Tensor = torch.Tensor
-DEFAULT_MEMORY = 512 * 2**20  # bytes of working memory per chunk
+# Bytes of working memory per chunk on the CPU: measured here, chunks of a few thousand curves
+# run fastest (larger ones fall out of cache: 30,000 Gaussian curves per chunk ran 1.5x slower).
+CPU_MEMORY = 64 * 2**20
+GPU_MEMORY_FRACTION = 0.125  # of the device's free memory: one chunk fills the GPU
 ChunkHook = Callable[[int, int], None]  # (curves done, curves total)
 
 
@@ -49,7 +52,7 @@ def fit_batch(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     chunk_size: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY,
+    memory_budget: int | None = None,
     progress: bool = False,
     on_chunk: Callable[[int, BatchResult], None] | None = None,
     skip_chunk: Callable[[int, int], bool] | None = None,
@@ -65,7 +68,8 @@ def fit_batch(
         p0: one vector ``[P]``, per-curve ``[K, P]``, a mapping name -> value, or None (the
             built-in's vectorised guess, else ones).
         optimizer: ``lm`` (default; ``gd``/``adam``/``sgd`` are not batched here yet).
-        chunk_size: curves per chunk; default from ``memory_budget`` bytes.
+        chunk_size: curves per chunk; default from ``memory_budget`` bytes (default: a few
+            thousand curves on the CPU, an eighth of the free memory of a GPU).
         on_chunk: called with (first curve index, chunk result) as each chunk finishes.
         skip_chunk: called with (start, stop); True skips that chunk (resuming a run).
 
@@ -92,7 +96,7 @@ def fit_batch(
     data = _batch_tensors(x, y, sigma, mask, dtype, device)
     space = ParameterSpace.build(model.param_names, bounds, fixed)
     K, N = data["y"].shape
-    chunk = chunk_size or _chunk_size(N, len(model.param_names), memory_budget)
+    chunk = chunk_size or default_chunk_size(N, len(model.param_names), device, memory_budget)
     results = []
     with _progress(progress, K) as advance, reuse_freed_memory():
         for start in range(0, K, chunk):
@@ -153,10 +157,19 @@ def _batch_tensors(
     return {"x": x_t, "y": y_t, "sigma": s_t, "mask": valid}
 
 
-def _chunk_size(n_points: int, n_params: int, budget: int) -> int:
-    # the Jacobian and a handful of residual-sized temporaries dominate the working set
+def default_chunk_size(
+    n_points: int, n_params: int, device: Any = None, memory_budget: int | None = None
+) -> int:
+    """Curves per chunk so that one chunk's working set fits ``memory_budget`` bytes."""
+    if memory_budget is None:
+        memory_budget = CPU_MEMORY
+        device = torch.device(device) if device is not None else None
+        if device is not None and device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            memory_budget = int(free * GPU_MEMORY_FRACTION)
+    # the Jacobian rows and a dozen residual-sized temporaries dominate the working set
     per_curve = 8 * n_points * (3 * n_params + 12)
-    return int(max(256, min(1 << 16, budget // max(per_curve, 1))))
+    return int(max(256, min(1 << 22, memory_budget // max(per_curve, 1))))
 
 
 def _start(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .batch import DEFAULT_MEMORY, _chunk_size, fit_batch
+from .batch import default_chunk_size, fit_batch
 from .batch_result import BatchResult
 from .data import NAN_POLICIES, read_raw_table, to_float
 from .errors import DataError, OptionError
@@ -149,8 +149,8 @@ def run_fit_many(
         if group is None:
             raise OptionError("--group is required for long-form CSV/Parquet input")
         keys, packed = read_long(data, group, x, y, sigma, nan_policy)
-    chunk_size = chunk_size or _chunk_size(
-        packed["y"].shape[1], len(model.param_names), DEFAULT_MEMORY
+    chunk_size = chunk_size or default_chunk_size(
+        packed["y"].shape[1], len(model.param_names), options.get("device")
     )
     parts = _PartStore(out, resume=resume, chunk_size=chunk_size, n_curves=len(keys))
     stopped = stop or (lambda: False)
