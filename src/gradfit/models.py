@@ -240,8 +240,8 @@ def _compile(
     return (
         expression,
         names,
-        Program([expression.root]),
-        Program([expression.root, *derivatives]),
+        Program([expression.root], independent),
+        Program([expression.root, *derivatives], independent),
     )
 
 
