@@ -3,7 +3,7 @@ statuses, batch independence, masks, robust losses, callbacks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -25,13 +25,7 @@ Tensor = torch.Tensor
 CONVERGED = (LMStatus.FTOL, LMStatus.XTOL, LMStatus.GTOL)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # These problems are tiny; intra-op threads only add contention on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def statuses(result: LMResult) -> list[LMStatus]:

@@ -12,7 +12,6 @@ Both starts of a dataset run as one K = 2 batch (curves are independent, which
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import cache
 
 import numpy as np
@@ -22,14 +21,7 @@ from nist import NAMES, eval_model_text, load, lre, residual_fn, torch_model
 
 from gradfit.optim.lm import LMResult, LMStatus, levenberg_marquardt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny problems: intra-op threads only add contention on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @cache
