@@ -227,3 +227,12 @@ def test_our_steps_match_torch_optim(ours, theirs):
         ((reference - target) ** 4).sum().backward()
         optimizer.step()
     torch.testing.assert_close(mine.detach(), reference.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_a_diverged_fit_still_plots(tmp_path):
+    # the loss reaches ~1e305 before it overflows: the log-scale history must not overflow
+    x, y = gf.datasets.quadratic(seed=0)
+    result = gf.fit("a*x**2 + b*x + c", x, y, optimizer="gd", lr=10.0, epochs=500)
+    assert result.status == "diverged" and max(result.history) > 1e300
+    paths = result.plot(tmp_path)
+    assert all(p.stat().st_size > 0 for p in paths)

@@ -14,6 +14,7 @@ from . import datasets, losses, models
 from .batch import fit_batch
 from .batch_result import BatchResult
 from .errors import (
+    CheckpointError,
     DataError,
     DivergenceError,
     ExpressionError,
@@ -32,6 +33,7 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "BatchResult",
+    "CheckpointError",
     "DataError",
     "DivergenceError",
     "ExpressionError",

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import GradfitError
+from .errors import CheckpointError
 from .files import write_with
 from .loop import Hook, LoopState, Problem
 
@@ -31,10 +31,6 @@ FORMAT = "gradfit-checkpoint"
 VERSION = 1
 #: default ``checkpoint_every``: first-order epochs take microseconds, LM/LBFGS steps more
 DEFAULT_EVERY = {"gd": 1000, "sgd": 1000, "adam": 1000, "lbfgs": 1, "lm": 1}
-
-
-class CheckpointError(GradfitError):
-    """A checkpoint that cannot be read, or that belongs to another fit."""
 
 
 def identify(problem: Problem, optimizer: str, lr: float | None) -> dict[str, Any]:

@@ -33,6 +33,10 @@ class DivergenceError(GradfitError):
     """The loss became non-finite during a fit."""
 
 
+class CheckpointError(GradfitError):
+    """A checkpoint that cannot be read, or that belongs to another fit."""
+
+
 def unknown_name(kind: str, name: str, valid: Iterable[str]) -> OptionError:
     """An ``OptionError`` for an unknown ``name``, listing the valid ones and the closest match."""
     valid = sorted(valid)

@@ -54,7 +54,8 @@ def plot_history(history: Sequence[float], path: Path, ylabel: str = "Loss") -> 
     """The post's 'MSE vs. Epoch' curve (log scale when it spans decades)."""
     figure = Figure(figsize=(6, 4.5))
     ax = figure.subplots()
-    values = _np(history)
+    # a diverging run can reach 1e305, where matplotlib's log ticks overflow: clip the display
+    values = np.minimum(_np(history), 1e200)
     ax.plot(values)
     if len(values) and (values > 0).all() and values.max() / values.min() > 100:
         ax.set_yscale("log")
