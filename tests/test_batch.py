@@ -161,3 +161,13 @@ def test_fit_batch_on_cuda_matches_cpu():
     cpu = gf.fit_batch("gaussian", x, y)
     gpu = gf.fit_batch("gaussian", x, y, device="cuda")
     torch.testing.assert_close(gpu.params.cpu(), cpu.params, rtol=1e-6, atol=1e-8)
+
+
+def test_heap_reuse_nests_and_unwinds_on_errors():
+    from gradfit import _malloc
+
+    with pytest.raises(RuntimeError), _malloc.reuse_freed_memory():
+        with _malloc.reuse_freed_memory():
+            assert _malloc._depth == (2 if _malloc._LIBC is not None else 0)
+        raise RuntimeError("a failing fit")
+    assert _malloc._depth == 0

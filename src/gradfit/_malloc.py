@@ -4,8 +4,10 @@ A batched iteration allocates and frees dozens of multi-megabyte temporaries.  B
 serves such blocks with ``mmap`` and gives them back to the kernel on ``free``, so every
 iteration pays page faults on fresh memory — measured here, that costs more than the arithmetic
 (a Gaussian fit of 10⁴ curves runs about 1.5× faster with the blocks kept).  Inside
-:func:`reuse_freed_memory` the blocks stay in the heap; on exit the thresholds go back to their
-static defaults and the unused heap is returned to the system.
+:func:`reuse_freed_memory` the blocks stay in the heap.  On exit the unused heap is returned to
+the system and the thresholds are left where glibc's own dynamic tuning ends up after large
+blocks have been freed (mmap threshold 32 MiB, trim threshold twice that): setting them at all
+switches that tuning off, and its static 128 KiB start would slow large allocations later.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from contextlib import contextmanager
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters from <malloc.h>
 _MMAP_MAX = 32 * 2**20  # glibc's upper limit for the mmap threshold on 64-bit systems
 _TRIM_KEEP = 2**31 - 1  # mallopt takes an int: in effect, never trim while fitting
-_DEFAULT_MMAP, _DEFAULT_TRIM = 128 * 2**10, 128 * 2**10  # glibc's documented defaults
+_AFTER_TRIM = 2 * _MMAP_MAX  # glibc's dynamic rule: trim threshold = 2 x mmap threshold
 _lock = threading.Lock()
 _depth = 0
 
@@ -56,6 +58,5 @@ def reuse_freed_memory() -> Iterator[None]:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                _LIBC.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP)
-                _LIBC.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
+                _LIBC.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
                 _LIBC.malloc_trim(0)
