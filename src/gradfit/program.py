@@ -7,7 +7,8 @@ once per evaluation.  Two more things make a batch of curves cheap to evaluate:
 * Products are regrouped so that factors free of the independent variables (one number per
   curve, ``[K, 1]``) are multiplied together first and applied to the point-wise factors
   (``[K, N]``) once: ``4*(x-c)**2*w/(2*w**2)**2`` costs one pass over the points instead of
-  four.  The regrouping changes results only by rounding.
+  four.  The regrouping changes results only by rounding (per-curve factors are formed in
+  the parameters' dtype, which gradfit always makes that of the data).
 * Intermediate tensors are released after their last use, which keeps the working set small.
 """
 
