@@ -215,7 +215,9 @@ class Model:
 
 def _broadcast(value: Tensor | float, shape: tuple[int, ...], like: Tensor) -> Tensor:
     if not isinstance(value, Tensor) or value.dim() == 0:
-        return torch.full(shape, float(value), dtype=like.dtype, device=like.device)
+        # a constant (a derivative such as 1): a broadcast view, not a [K, N] fill per call
+        one = torch.full((1,) * len(shape), float(value), dtype=like.dtype, device=like.device)
+        return one.expand(shape)
     return value if tuple(value.shape) == shape else value.expand(shape)
 
 
