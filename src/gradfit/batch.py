@@ -8,6 +8,7 @@ of a batch gets the answer ``fit`` gives for curve i alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from .loop import Problem
 from .losses import Loss, get_loss
 from .models import Model, as_model
 from .optim.least_squares import residual_functions
-from .optim.lm import levenberg_marquardt
+from .optim.lm import autodiff_jacobian, levenberg_marquardt, stack_jacobian
 from .parameters import Bound, ParameterSpace
 from .small_linalg import MAX_P, cholesky, cholesky_inverse
 
@@ -264,7 +265,7 @@ def _curve_statistics(
     space, free = problem.space, problem.space.free
     y_pred = problem.model(problem.x, params).detach()
     if not space.is_identity:
-        rows = _weighted_rows(problem, params, y_pred)
+        rows = _weighted_rows(problem, params)
     if not bool(mask.all()):
         rows = torch.where(mask.unsqueeze(1), rows, 0.0)
     jt = rows[:, :-1]  # (k, F, N)
@@ -287,20 +288,18 @@ def _curve_statistics(
     return {"stderr": stderr, "reduced_chi2": fit_stats["reduced_chi2"], "r2": fit_stats["r2"]}
 
 
-def _weighted_rows(problem: Problem, params: Tensor, y_pred: Tensor) -> Tensor:
-    """(k, F + 1, N): ∂f/∂p for the free parameters, then the residuals, all over sigma."""
-    model, x, free, sigma = problem.model, problem.x, problem.space.free, problem.loss.sigma
-    columns = model.value_and_derivatives(x, params)
-    if columns is not None:
-        jt = torch.stack([columns[1 + i].detach() for i in free], dim=1)
-    else:
-        x_dim = 0 if x.dim() == 2 else None
-        with torch.enable_grad():
-            one = lambda xi, pi: model(xi, pi)  # noqa: E731 - one curve, vmapped over the batch
-            J = torch.func.vmap(torch.func.jacfwd(one, argnums=1), in_dims=(x_dim, 0))(x, params)
-        jt = J.detach()[..., free].mT
-    rows = torch.cat([jt, (y_pred - problem.y).unsqueeze(1)], dim=1)
-    return rows if sigma is None else rows / sigma.unsqueeze(-2)
+def _weighted_rows(problem: Problem, params: Tensor) -> Tensor:
+    """(k, F + 1, N): the kernel's rows with respect to the free parameters themselves.
+
+    The kernel's own rows differentiate with respect to the bound-transformed parameters;
+    the same residual functions on a space without bounds give the derivatives stderr needs.
+    """
+    space = problem.space
+    none = (None,) * len(space.names)
+    unbounded = ParameterSpace(space.names, none, none, space.fixed)
+    residuals, stacked = residual_functions(replace(problem, space=unbounded))
+    evaluate = stacked or stack_jacobian(autodiff_jacobian(residuals))
+    return evaluate(unbounded.to_theta(params)).detach()
 
 
 def _empty(model: Model, space: ParameterSpace, loss_fn: Loss) -> BatchResult:
