@@ -100,7 +100,7 @@ def run_loop(
     before = theta.detach().clone()  # the parameters this epoch's loss belongs to
     check_change = tol is not None and tol >= 0
     status, message = "max_epochs", f"stopped after the maximum of {epochs} epochs"
-    epoch = state.epoch
+    done = state.epoch  # epochs completed, across resumed runs
     for epoch in range(state.epoch, epochs):
         before.copy_(theta.data)
         loss = apply_step(problem, theta, optimizer, opt_state).item()
@@ -110,19 +110,16 @@ def run_loop(
         if loss < best_loss:  # swap buffers instead of cloning
             best_loss, before, best_theta = loss, best_theta, before
         history.append(loss)
+        done = epoch + 1
         if check_change and _small_change(history, tol):
             status, message = "converged", f"relative loss change below tol={tol}"
-            epoch += 1
             break
         if hook is not None:
-            state.epoch, state.best_loss, state.best_theta = epoch + 1, best_loss, best_theta
+            state.epoch, state.best_loss, state.best_theta = done, best_loss, best_theta
             if hook(epoch, loss):
                 status, message = "interrupted", f"interrupted after epoch {epoch}"
-                epoch += 1
                 break
-    else:
-        epoch = max(epochs, state.epoch)
-    state.epoch, state.best_loss, state.best_theta = epoch, best_loss, best_theta
+    state.epoch, state.best_loss, state.best_theta = done, best_loss, best_theta
     return _finish(problem, state, status, message)
 
 
