@@ -23,7 +23,7 @@ from .expr import _ALL_FUNCTIONS, _CONSTANTS, _OPS, BinOp, Call, Const, Neg, Nod
 from .expr import _power as power
 
 # step kinds
-_NUM, _VAR, _NEG, _POW_NUM, _BIN, _CALL = range(6)
+_NUM, _VAR, _POW_NUM, _BIN, _CALL = range(5)  # unary minus folds into products
 Step = tuple[int, object, tuple[int, ...]]
 
 
@@ -141,8 +141,6 @@ class Program:
                 value = env[arg]  # type: ignore[index]
             elif kind == _NUM:
                 value = arg  # type: ignore[assignment]
-            elif kind == _NEG:
-                value = -values[args[0]]  # type: ignore[operator]
             elif kind == _POW_NUM:
                 value = power(values[args[0]], arg)  # type: ignore[arg-type]
             elif kind == _BIN:
