@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ._backward import backward
 from .losses import Loss
 from .models import Model
 from .parameters import ParameterSpace
@@ -74,7 +75,7 @@ class LoopOutcome:
 def apply_step(problem: Problem, theta: Tensor, optimizer: object, state: dict) -> Tensor:
     """One step of the post's loop; updates ``theta`` in place and returns the loss."""
     loss = problem.objective(theta)  # forward + loss
-    loss.backward()  # backward: d loss / d params, into theta.grad
+    backward(loss)  # loss.backward(): d loss / d params, into theta.grad
     optimizer.update(theta, theta.grad, state)  # type: ignore[attr-defined]  # params -= lr * grad
     theta.grad = None  # backward() accumulates: zero the gradient, as the post does
     return loss
@@ -145,7 +146,7 @@ def run_lbfgs(
     def closure() -> Tensor:
         optimizer.zero_grad(set_to_none=True)  # backward() accumulates into .grad
         loss = problem.objective(theta)
-        loss.backward()
+        backward(loss)
         return loss
 
     before = theta.detach().clone()
