@@ -43,13 +43,17 @@ DEFAULT_XTOL = 1e-15
 DEFAULT_GTOL = 1e-15
 DEFAULT_MAX_ITER = 2000  # MGH10 from its first start needs about 830
 
-_LAMBDA0 = 1e-3  # initial damping, relative to the Marquardt scale D² ≈ diag(JᵀJ)
+# Initial damping, relative to the Marquardt scale D² ≈ diag(JᵀJ): nearly Gauss–Newton, as
+# MINPACK starts when its step is within bounds (a linear model converges in one step).
+_LAMBDA0 = 1e-6
 _LAMBDA_MIN = 1e-16  # below this the damped system is as ill-conditioned as JᵀJ itself
 _LAMBDA_MAX = 1e32  # an unsolvable system at this damping means a singular problem
 _ACCEPT = 1e-4  # minimal gain ratio of an accepted step (MINPACK's value)
 _SCALE_DECAY = 0.5  # forgetting factor of the Marquardt scale per accepted step
 _GEODESIC_H = 0.1  # finite-difference step for the second directional derivative
-_GEODESIC_ALPHA = 0.75  # max |acceleration| / |velocity|, else the step is rejected
+# Max 2|acceleration| / |velocity|, else the step is rejected. Transtrum & Sethna suggest 0.75;
+# 1.5 passes the same 54 NIST cases and needs 6.6 instead of 11.8 iterations on noisy Gaussians.
+_GEODESIC_ALPHA = 1.5
 # Relative cost changes below this many machine epsilons (2.3e-13 in float64) count as rounding
 # noise: a residual r = f(x) - y carries errors of order eps |y|, so a good fit's cost is only
 # that accurate when |y| is much larger than |r|.
