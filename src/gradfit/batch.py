@@ -21,7 +21,7 @@ from .errors import DataError, OptionError
 from .loop import Problem
 from .losses import Loss, get_loss
 from .models import Model, as_model
-from .optim.least_squares import residual_functions
+from .optim.least_squares import residual_functions, residual_subset
 from .optim.lm import autodiff_jacobian, levenberg_marquardt, stack_jacobian
 from .parameters import Bound, ParameterSpace
 from .small_linalg import MAX_P, cholesky, cholesky_inverse
@@ -233,10 +233,10 @@ def _fit_chunk(
     if epochs is not None:
         options["max_iter"] = epochs
     robust = None if loss_fn.name in ("mse", "sse", "chi2") else loss_fn.rho
+    kernel_mask = None if bool(mask.all()) else mask
     solved = levenberg_marquardt(
-        residuals, space.to_theta(p_start), stacked=stacked, robust=robust,
-        mask=None if bool(mask.all()) else mask,
-        f_scale=f_scale, **options,
+        residuals, space.to_theta(p_start), stacked=stacked, robust=robust, mask=kernel_mask,
+        f_scale=f_scale, subset=residual_subset(problem, kernel_mask), **options,
     )  # fmt: skip
     params = space.to_params(solved.theta)
     status = torch.where(few, TOO_FEW_POINTS, solved.status)

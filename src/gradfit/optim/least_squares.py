@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import torch
@@ -11,6 +11,9 @@ from ..loop import Hook, LoopOutcome, LoopState, Problem
 from .lm import (
     DEFAULT_MAX_ITER,
     LMStatus,
+    Residuals,
+    Stacked,
+    Subset,
     autodiff_jacobian,
     describe,
     levenberg_marquardt,
@@ -48,6 +51,26 @@ def residual_functions(
         return rows if sigma is None else rows / sigma.unsqueeze(-2)
 
     return residuals, stacked
+
+
+def residual_subset(problem: Problem, mask: Tensor | None) -> Subset:
+    """For the kernel's ``subset``: the residual functions and mask of some curves alone."""
+
+    def rows_of(value: Tensor | None, index: Tensor) -> Tensor | None:
+        # per-curve values are [K, N]; a shared x ([N]) or sigma serves every subset as it is
+        return value[index] if value is not None and value.dim() == 2 else value
+
+    def subset(index: Tensor) -> tuple[Residuals, Stacked | None, Tensor | None]:
+        x: Tensor | dict[str, Tensor] = problem.x
+        if isinstance(x, Mapping):  # several independent variables
+            x = {name: rows_of(v, index) for name, v in x.items()}
+        else:
+            x = rows_of(x, index)
+        loss = replace(problem.loss, sigma=rows_of(problem.loss.sigma, index))
+        part = replace(problem, x=x, y=problem.y[index], loss=loss)
+        return (*residual_functions(part), rows_of(mask, index))
+
+    return subset
 
 
 def run_lm(

@@ -37,6 +37,8 @@ Residuals = Callable[[Tensor], Tensor]
 Jacobian = Callable[[Tensor], tuple[Tensor, Tensor]]
 Stacked = Callable[[Tensor], Tensor]  # theta -> (K, P + 1, N): Jacobian rows, then residuals
 Robust = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+# curve indices -> (residuals, stacked or None, mask or None) of those curves alone
+Subset = Callable[[Tensor], tuple[Residuals, Stacked | None, Tensor | None]]
 
 DEFAULT_FTOL = 1e-15
 DEFAULT_XTOL = 1e-15
@@ -58,6 +60,12 @@ _GEODESIC_ALPHA = 1.5
 # noise: a residual r = f(x) - y carries errors of order eps |y|, so a good fit's cost is only
 # that accurate when |y| is much larger than |r|.
 _COST_NOISE = 1024
+# With ``subset``, the work shrinks to the running curves once at most this share of it runs
+# (stopped curves would otherwise ride along: Gaussians stop after 3 to 16 iterations).
+_COMPACT_BELOW = 0.75
+# Up to this many parameters, J v is P elementwise passes rather than a batched product
+# (MKL's small-matrix bmm costs ~6 passes for P = 3).
+_ELEMENTWISE_MAX_P = 16
 
 
 class LMStatus(enum.IntEnum):
@@ -272,11 +280,30 @@ class _State:
         pt.cost2 = torch.where(ok, new.cost2, pt.cost2)
         pt.grad = torch.where(o1, new.grad, pt.grad)
         pt.hess = torch.where(o2, new.hess, pt.hess)
-        torch.where(o2, new.rows, pt.rows, out=pt.rows)
+        if bool(ok.all()):  # the common case: take the new buffer instead of copying it
+            pt.rows = new.rows
+        else:
+            torch.where(o2, new.rows, pt.rows, out=pt.rows)
         if pt.weight is not None:
             pt.weight = torch.where(o1, new.weight, pt.weight)  # type: ignore[arg-type]
         grown = torch.maximum(self.scale * _SCALE_DECAY, _diag(pt.hess))
         self.scale = torch.where(o1, grown, self.scale)
+
+    def select(self, keep: Tensor) -> _State:
+        """The state of the curves at indices ``keep`` alone."""
+        pt = self.pt
+        weight = None if pt.weight is None else pt.weight[keep]
+        new = _Point(pt.cost2[keep], pt.grad[keep], pt.hess[keep], pt.rows[keep], weight)
+        return _State(
+            self.theta[keep], new, self.scale[keep], self.lam[keep], self.nu[keep],
+            self.status[keep], self.n_iter[keep], self.codes, self.scratch[keep],
+        )  # fmt: skip
+
+    def store(self, into: LMResult, index: Tensor) -> None:
+        """Write this state's outcome into the batch-wide ``into`` at rows ``index``."""
+        out = self.result(0)
+        for name in ("theta", "cost", "n_iter", "status", "rows"):
+            getattr(into, name)[index] = getattr(out, name)
 
     def result(self, n_eval: int) -> LMResult:
         status = torch.where(self.status == LMStatus.RUNNING, LMStatus.MAX_ITER, self.status)
@@ -295,8 +322,14 @@ def _geodesic(
     """
     h, pt = _GEODESIC_H, st.pt
     # u is built in a scratch buffer of the state: no fresh (K, N) allocations per iteration.
-    u = torch.sub(ev.value(st.theta + h * v), pt.res, out=st.scratch).unsqueeze(1)
-    u.baddbmm_(v.unsqueeze(1), pt.jac_rows, alpha=-h)  # (K, 1, N); row-vector products are fast
+    u = torch.sub(ev.value(st.theta + h * v), pt.res, out=st.scratch)
+    jt = pt.jac_rows
+    if jt.shape[1] <= _ELEMENTWISE_MAX_P:  # one fused pass per parameter: 2-6x faster here
+        for p in range(jt.shape[1]):
+            u.addcmul_(jt[:, p], v[:, p : p + 1], value=-h)
+    else:
+        u.unsqueeze(1).baddbmm_(v.unsqueeze(1), jt, alpha=-h)
+    u = u.unsqueeze(1)  # (K, 1, N)
     if pt.weight is not None:
         u = pt.weight.unsqueeze(1) * u
     s = torch.cholesky_solve(torch.bmm(u, pt.jac_rows.mT).mT, L).squeeze(-1)  # (K, P)
@@ -372,6 +405,7 @@ def levenberg_marquardt(
     max_iter: int = DEFAULT_MAX_ITER,
     callback: Callable[[int, Tensor], bool | None] | None = None,
     geodesic: bool = True,
+    subset: Subset | None = None,
 ) -> LMResult:
     """Minimise ``0.5 * sum(rho((r_k(theta_k) / f_scale)**2)) * f_scale**2`` for each curve k.
 
@@ -381,6 +415,7 @@ def levenberg_marquardt(
         jacobian: ``theta -> (r, J (K, N, P))``; default: autograd (:func:`autodiff_jacobian`).
         stacked: ``theta -> (K, P + 1, N)``, the Jacobian's rows ∂r/∂θ_p followed by r: the
             kernel's own layout, which saves a copy per evaluation (overrides ``jacobian``).
+            Each call must return a new tensor: the kernel keeps and updates it.
         mask: (K, N) bool, False drops a point (its residual and Jacobian rows may be NaN).
         robust: ``z -> (rho, rho', rho'')`` elementwise with ``z = (r / f_scale)**2`` (SciPy's
             convention); the fit is then iteratively reweighted like SciPy's ``least_squares``.
@@ -392,8 +427,12 @@ def levenberg_marquardt(
         max_iter: iterations per curve; each costs one Jacobian and, with ``geodesic``, one
             more residual evaluation.
         callback: ``callback(iteration, cost (K,))`` after every iteration; returning True
-            stops the whole batch, and curves still running report ``MAX_ITER``.
+            stops the whole batch, and curves still running report ``MAX_ITER``.  With
+            ``subset``, ``cost`` covers the curves still in the work.
         geodesic: use geodesic acceleration (more robust, one extra residual evaluation).
+        subset: ``indices -> (residuals, stacked or None, mask or None)`` of those curves
+            alone; lets the kernel drop stopped curves from its work (curves stop after very
+            different numbers of iterations). Each curve's arithmetic is unchanged.
 
     Returns:
         An :class:`LMResult`; each curve's ``status`` is an :class:`LMStatus` code.  The
@@ -421,10 +460,35 @@ def levenberg_marquardt(
     ev = _Evaluator(residuals, stacked, mask, robust, f_scale)
     theta = theta0.detach()
     st = _State.start(theta, ev.point(theta), tol.g)
+    batch: LMResult | None = None  # the whole batch's outcome, once the work has shrunk
+    index = torch.arange(theta.shape[0], device=theta.device)  # st's curves in the batch
     for it in range(1, max_iter + 1):
-        if not bool((st.status == LMStatus.RUNNING).any()):
+        running = st.status == LMStatus.RUNNING
+        n_running = int(running.sum())
+        if n_running == 0:
             break
+        if subset is not None and n_running <= _COMPACT_BELOW * len(running):
+            if batch is None:
+                batch = st.result(0)
+            else:
+                st.store(batch, index)
+            keep = running.nonzero().squeeze(-1)
+            index = index[keep]
+            st, ev = st.select(keep), _restrict(ev, subset, index)
         _iterate(ev, st, tol, geodesic)
         if callback is not None and callback(it, 0.5 * st.pt.cost2):
             break
-    return st.result(ev.n_eval)
+    if batch is None:
+        return st.result(ev.n_eval)
+    st.store(batch, index)
+    batch.n_eval = ev.n_eval
+    return batch
+
+
+def _restrict(ev: _Evaluator, subset: Subset, index: Tensor) -> _Evaluator:
+    """An evaluator for the curves at ``index`` alone."""
+    residuals, stacked, mask = subset(index)
+    stacked = stacked or stack_jacobian(autodiff_jacobian(residuals))
+    restricted = _Evaluator(residuals, stacked, mask, ev.robust, ev.f_scale)
+    restricted.n_eval = ev.n_eval
+    return restricted
