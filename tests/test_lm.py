@@ -227,6 +227,38 @@ def test_stopped_curves_never_change() -> None:
         np.testing.assert_array_equal(after.numpy(), after[:1].expand_as(after).numpy())
 
 
+@pytest.mark.parametrize("robust", [None, "huber"])
+def test_dropping_stopped_curves_changes_no_curve(robust: str | None) -> None:
+    """With ``subset`` the kernel shrinks its work to the running curves; every curve's
+    outcome must be what it is when all curves ride along to the end."""
+    y, theta0 = mixed_batch()
+    gen = torch.Generator().manual_seed(5)
+    far = theta0[1:2] * (1 + torch.rand(8, 3, generator=gen, dtype=F64))  # slow curves
+    y = torch.cat([y, decay_data(8, seed=13)])
+    theta0 = torch.cat([theta0, far])
+    mask = torch.rand(y.shape, generator=gen) > 0.2
+    y = torch.where(mask, y, float("nan"))  # masked points hold NaN
+    rho = {None: None, "huber": _huber}[robust]
+    calls: list[int] = []
+
+    def subset(index: Tensor):
+        calls.append(len(index))
+        return residuals_for(exp_decay, y[index]), None, mask[index]
+
+    whole = levenberg_marquardt(residuals_for(exp_decay, y), theta0, mask=mask, robust=rho)
+    shrunk = levenberg_marquardt(
+        residuals_for(exp_decay, y), theta0, mask=mask, robust=rho, subset=subset
+    )
+    assert len(calls) >= 2 and calls == sorted(calls, reverse=True)  # it did shrink, twice
+    assert shrunk.status.tolist() == whole.status.tolist()
+    assert shrunk.n_iter.tolist() == whole.n_iter.tolist()
+    for name in ("theta", "cost", "rows"):
+        np.testing.assert_allclose(
+            getattr(shrunk, name).numpy(), getattr(whole, name).numpy(), rtol=1e-12,
+            atol=0, equal_nan=True,
+        )  # fmt: skip
+
+
 # --- statuses -----------------------------------------------------------------------------------
 
 

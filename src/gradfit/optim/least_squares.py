@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -61,11 +61,8 @@ def residual_subset(problem: Problem, mask: Tensor | None) -> Subset:
         return value[index] if value is not None and value.dim() == 2 else value
 
     def subset(index: Tensor) -> tuple[Residuals, Stacked | None, Tensor | None]:
-        x: Tensor | dict[str, Tensor] = problem.x
-        if isinstance(x, Mapping):  # several independent variables
-            x = {name: rows_of(v, index) for name, v in x.items()}
-        else:
-            x = rows_of(x, index)
+        assert isinstance(problem.x, Tensor), "batches have one independent variable"
+        x = rows_of(problem.x, index)
         loss = replace(problem.loss, sigma=rows_of(problem.loss.sigma, index))
         part = replace(problem, x=x, y=problem.y[index], loss=loss)
         return (*residual_functions(part), rows_of(mask, index))
