@@ -1,6 +1,7 @@
 """`fit_batch` equals `fit` curve by curve; statuses; output tables; long-form packing."""
 
 import math
+import threading
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -139,6 +140,27 @@ def test_chunking_does_not_change_results(tmp_path):
         table.column_names
     )
     assert "50 curves" in chunked.summary()
+
+
+def test_chunks_side_by_side_on_several_cores_give_the_same_results():
+    x, y, _ = ragged_gaussians(K=60, N=40, seed=6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # three chunks at a time, whatever this machine has
+    try:
+        seen: list[str] = []
+        record = lambda s, r: seen.append(threading.current_thread().name)  # noqa: E731
+        asked: set[str] = set()
+        ask = lambda s, e: asked.add(threading.current_thread().name)  # noqa: E731
+        side_by_side = gf.fit_batch("gaussian", x, y, chunk_size=6, on_chunk=record, skip_chunk=ask)
+        assert any(name.startswith("gradfit-chunk") for name in asked)  # chunks ran on workers
+        assert torch.get_num_threads() == 3  # restored after the run
+        assert seen == [threading.main_thread().name] * 10  # results arrive in the caller's thread
+        torch.set_num_threads(1)
+        one_by_one = gf.fit_batch("gaussian", x, y, chunk_size=6)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(side_by_side.params, one_by_one.params, rtol=1e-12, atol=1e-12)
+    assert torch.equal(side_by_side.status, one_by_one.status)
 
 
 def test_optimizers_other_than_lm_are_refused_clearly():

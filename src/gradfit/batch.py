@@ -7,7 +7,9 @@ of a batch gets the answer ``fit`` gives for curve i alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -72,7 +74,9 @@ def fit_batch(
         chunk_size: curves per chunk; default from ``memory_budget`` bytes (default: a few
             thousand curves on the CPU, an eighth of the free memory of a GPU).
         on_chunk: called with (first curve index, chunk result) as each chunk finishes.
-        skip_chunk: called with (start, stop); True skips that chunk (resuming a run).
+        skip_chunk: called with (start, stop); True skips that chunk (resuming a run). It is
+            asked just before the chunk runs (maybe on a worker thread) and again before its
+            result is kept, so that a stop request drops chunks still in flight.
 
     Example:
         >>> import gradfit as gf
@@ -98,25 +102,57 @@ def fit_batch(
     space = ParameterSpace.build(model.param_names, bounds, fixed)
     K, N = data["y"].shape
     chunk = chunk_size or default_chunk_size(N, len(model.param_names), device, memory_budget)
+
+    def skipped(bounds: tuple[int, int]) -> bool:
+        return skip_chunk is not None and skip_chunk(*bounds)
+
+    def fit_chunk(bounds: tuple[int, int]) -> BatchResult | None:
+        if skipped(bounds):  # asked as late as possible: a stop request skips what is left
+            return None
+        start, stop = bounds
+        part = {k: v[start:stop] if v is not None and v.dim() == 2 else v for k, v in data.items()}
+        return _fit_chunk(model, part, p0, start, stop, space, loss_fn, f_scale,
+                          epochs, tol, absolute_sigma)  # fmt: skip
+
     results = []
-    with _progress(progress, K) as advance, reuse_freed_memory():
-        for start in range(0, K, chunk):
-            stop = min(start + chunk, K)
-            if skip_chunk is not None and skip_chunk(start, stop):
-                advance(stop - start)
-                continue
-            part = {
-                k: (v[start:stop] if v is not None and v.dim() == 2 else v) for k, v in data.items()
-            }
-            result = _fit_chunk(model, part, p0, start, stop, space, loss_fn, f_scale,
-                                epochs, tol, absolute_sigma)  # fmt: skip
-            if on_chunk is not None:
-                on_chunk(start, result)
-            results.append(result)
+    chunks = [(start, min(start + chunk, K)) for start in range(0, K, chunk)]
+    with (
+        _progress(progress, K) as advance,
+        reuse_freed_memory(),
+        _chunk_map(data["y"].device, len(chunks)) as chunk_map,
+    ):
+        for (start, stop), result in zip(chunks, chunk_map(fit_chunk, chunks), strict=True):
+            # a chunk that finished alongside one after which a stop was asked is dropped, as
+            # if it had not run
+            if result is not None and not skipped((start, stop)):
+                if on_chunk is not None:
+                    on_chunk(start, result)
+                results.append(result)
             advance(stop - start)
     if not results:
         return _empty(model, space, loss_fn)
     return concat(results)
+
+
+@contextmanager
+def _chunk_map(device: torch.device, n_chunks: int) -> Iterator[Callable[..., Iterator[Any]]]:
+    """``map`` over chunks, in order: on a multi-core CPU, one chunk per core at a time.
+
+    Within a chunk most operations are small (per-curve vectors, 4x4 factorisations) and run
+    on one core whatever torch's thread count; chunks side by side keep every core busy
+    (measured: 1.1-1.4x the throughput of one chunk at a time on all cores).
+    """
+    workers = torch.get_num_threads()
+    if device.type != "cpu" or workers < 2 or n_chunks < 2:
+        yield map
+        return
+    torch.set_num_threads(1)  # new threads read it on their first parallel operation
+    executor = ThreadPoolExecutor(workers, thread_name_prefix="gradfit-chunk")
+    try:
+        yield executor.map
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(workers)
 
 
 def _batch_tensors(
