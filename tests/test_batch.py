@@ -193,3 +193,52 @@ def test_heap_reuse_nests_and_unwinds_on_errors():
             assert _malloc._depth == (2 if _malloc._LIBC is not None else 0)
         raise RuntimeError("a failing fit")
     assert _malloc._depth == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mask": np.ones((3, 10), dtype=int)}, r"mask must be a bool array .* int64 \(3, 10\)"),
+        ({"mask": np.ones((3, 9), dtype=bool)}, r"mask must be a bool array of shape \(3, 10\)"),
+        ({"sigma": np.ones((2, 10))}, r"sigma must be \[K, N\], \[N\] or a number, got \(2, 10\)"),
+        ({"p0": np.ones((4, 2))}, r"p0 has 4 rows for 3 curves"),
+        ({"x": np.linspace(0, 1, 9)}, r"x must be \[N\] or \[K, N\] like y \(3, 10\)"),
+    ],
+)
+def test_bad_batch_inputs_are_named_before_any_fit(kwargs, message):
+    x = np.linspace(0, 1, 10)
+    y = np.vstack([2 * x + 1, 3 * x - 1, x])
+    fitted: list[int] = []
+    with pytest.raises(gf.errors.GradfitError, match=message):
+        gf.fit_batch("a*x + b", kwargs.pop("x", x), y, on_chunk=lambda s, r: fitted.append(s),
+                     chunk_size=1, **kwargs)  # fmt: skip
+    assert fitted == []
+
+
+def test_a_bad_sigma_in_a_late_chunk_fails_before_the_first_chunk_is_fitted():
+    x = np.linspace(0, 1, 10)
+    y = np.vstack([2 * x + 1] * 6)
+    sigma = np.ones_like(y)
+    sigma[4, 7] = -2.0  # curve 4 lies in the third chunk of two curves
+    fitted: list[int] = []
+    with pytest.raises(gf.errors.DataError, match=r"sigma must be > 0, got -2.0 at curve 4, point"):
+        gf.fit_batch("a*x + b", x, y, sigma=sigma, chunk_size=2,
+                     on_chunk=lambda s, r: fitted.append(s))  # fmt: skip
+    assert fitted == []
+
+
+def test_inputs_as_lists_numpy_float32_and_tensors_give_one_answer():
+    x = np.linspace(0, 1, 12)
+    y = np.vstack([2 * x + 1, -x + 3, 0.5 * x])
+    y[1, 3] = np.nan
+    reference = gf.fit_batch("a*x + b", x, y).params
+    for xs, ys in [(x.tolist(), y.tolist()), (torch.tensor(x), torch.tensor(y))]:
+        got = gf.fit_batch("a*x + b", xs, ys, chunk_size=2).params
+        torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-9)
+    y32 = y.astype(np.float32)  # computed in float64 (the default dtype) all the same
+    got = gf.fit_batch("a*x + b", x, y32, chunk_size=2).params
+    want = gf.fit_batch("a*x + b", x, y32.astype(np.float64)).params
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    inputs = y.copy()
+    gf.fit_batch("a*x + b", x, y, chunk_size=1)
+    np.testing.assert_array_equal(y, inputs)  # the caller's arrays are never written to

@@ -60,3 +60,10 @@ def reuse_freed_memory() -> Iterator[None]:
             if _depth == 0:
                 _LIBC.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
                 _LIBC.malloc_trim(0)
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (every few chunks: blocks freed by one
+    chunk do not always fit the next one's, and a long run would otherwise keep them all)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)

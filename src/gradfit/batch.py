@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._malloc import reuse_freed_memory
+from ._malloc import release_freed_memory, reuse_freed_memory
 from .batch_result import TOO_FEW_POINTS, BatchResult, concat
 from .errors import DataError, OptionError
 from .loop import Problem
@@ -32,6 +32,9 @@ Tensor = torch.Tensor
 # Bytes of working memory per chunk on the CPU: measured here, chunks of a few thousand curves
 # run fastest (larger ones fall out of cache: 30,000 Gaussian curves per chunk ran 1.5x slower).
 CPU_MEMORY = 64 * 2**20
+# Chunks between returns of the heap's free pages to the system: every chunk costs up to 25%
+# in page faults; never lets fragments of differently sized blocks pile up (~6 MB a chunk).
+TRIM_EVERY = 8
 GPU_MEMORY_FRACTION = 0.125  # of the device's free memory: one chunk fills the GPU
 ChunkHook = Callable[[int, int], None]  # (curves done, curves total)
 
@@ -98,10 +101,27 @@ def fit_batch(
         raise OptionError(f"fit_batch needs a least-squares loss for 'lm', not {loss_fn.name!r}")
     if loss_fn.name == "chi2" and sigma is None:
         raise OptionError("loss 'chi2' needs sigma (per-point standard deviations)")
-    data = _batch_tensors(x, y, sigma, mask, dtype, device)
+    # The inputs stay as given (views, no copies): each chunk is converted when it is fitted,
+    # so the working memory is a chunk's, however many curves there are.
+    x, y, sigma, mask = (_as_array(v) for v in (x, y, sigma, mask))
+    K, N = _check_shapes(x, y, sigma, mask)
+    if device is None and isinstance(y, Tensor):
+        device = y.device  # tensors given on a device are fitted there
+    if p0 is not None and not isinstance(p0, Mapping):
+        p0 = _as_array(p0)
+        if len(p0.shape) == 2 and p0.shape[0] != K:
+            raise OptionError(f"p0 has {p0.shape[0]} rows for {K} curves; give [P] or [K, P]")
     space = ParameterSpace.build(model.param_names, bounds, fixed)
-    K, N = data["y"].shape
     chunk = chunk_size or default_chunk_size(N, len(model.param_names), device, memory_budget)
+    chunks = [(start, min(start + chunk, K)) for start in range(0, K, chunk)]
+
+    def tensors(start: int, stop: int) -> dict[str, Tensor | None]:
+        rows = (_rows(v, start, stop, K) for v in (x, y, sigma, mask))
+        return _batch_tensors(*rows, dtype, device, first=start)
+
+    if sigma is not None:  # a bad sigma fails before any curve is fitted
+        for start, stop in chunks:
+            tensors(start, stop)
 
     def skipped(bounds: tuple[int, int]) -> bool:
         return skip_chunk is not None and skip_chunk(*bounds)
@@ -110,16 +130,14 @@ def fit_batch(
         if skipped(bounds):  # asked as late as possible: a stop request skips what is left
             return None
         start, stop = bounds
-        part = {k: v[start:stop] if v is not None and v.dim() == 2 else v for k, v in data.items()}
-        return _fit_chunk(model, part, p0, start, stop, space, loss_fn, f_scale,
-                          epochs, tol, absolute_sigma)  # fmt: skip
+        return _fit_chunk(model, tensors(start, stop), p0, start, stop, space, loss_fn,
+                          f_scale, epochs, tol, absolute_sigma)  # fmt: skip
 
     results = []
-    chunks = [(start, min(start + chunk, K)) for start in range(0, K, chunk)]
     with (
         _progress(progress, K) as advance,
         reuse_freed_memory(),
-        _chunk_map(data["y"].device, len(chunks)) as chunk_map,
+        _chunk_map(torch.device(device or "cpu"), len(chunks)) as chunk_map,
     ):
         for (start, stop), result in zip(chunks, chunk_map(fit_chunk, chunks), strict=True):
             # a chunk that finished alongside one after which a stop was asked is dropped, as
@@ -128,6 +146,8 @@ def fit_batch(
                 if on_chunk is not None:
                     on_chunk(start, result)
                 results.append(result)
+            if (start // chunk) % TRIM_EVERY == TRIM_EVERY - 1:
+                release_freed_memory()
             advance(stop - start)
     if not results:
         return _empty(model, space, loss_fn)
@@ -155,43 +175,78 @@ def _chunk_map(device: torch.device, n_chunks: int) -> Iterator[Callable[..., It
         torch.set_num_threads(workers)
 
 
-def _batch_tensors(
-    x: Any, y: Any, sigma: Any, mask: Any, dtype: torch.dtype, device: Any
-) -> dict[str, Tensor | None]:
-    """Validate shapes; fold NaN/inf into the mask; fill masked points with harmless values."""
-    y_t = torch.as_tensor(np.asarray(y, dtype=np.float64), dtype=dtype, device=device)
-    if y_t.dim() != 2:
-        raise DataError(f"y must be [K, N] (one row per curve), got shape {tuple(y_t.shape)}")
-    K, N = y_t.shape
-    x_t = torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=dtype, device=device)
-    if x_t.shape not in ((N,), (K, N)):
+def _as_array(value: Any) -> Any:
+    """Tensors and NumPy arrays as they are (no copy); anything else as a NumPy array."""
+    if value is None or isinstance(value, Tensor | np.ndarray):
+        return value
+    return np.asarray(value)
+
+
+_BOOL = ("bool", "torch.bool")  # a mask's dtype, as NumPy and torch name it
+
+
+def _check_shapes(x: Any, y: Any, sigma: Any, mask: Any) -> tuple[int, int]:
+    """(K, N) from ``y``, after checking every input's shape against it."""
+    if len(y.shape) != 2:
+        raise DataError(f"y must be [K, N] (one row per curve), got shape {tuple(y.shape)}")
+    K, N = y.shape
+    if tuple(x.shape) not in ((N,), (K, N)):
+        raise DataError(f"x must be [N] or [K, N] like y {(K, N)}, got {tuple(x.shape)}")
+    if mask is not None and (tuple(mask.shape) != (K, N) or str(mask.dtype) not in _BOOL):
         raise DataError(
-            f"x must be [N] or [K, N] like y {tuple(y_t.shape)}, got {tuple(x_t.shape)}"
+            f"mask must be a bool array of shape {(K, N)}, got {mask.dtype} {tuple(mask.shape)}"
         )
+    if sigma is not None:
+        try:
+            fits = np.broadcast_shapes(tuple(sigma.shape), (K, N)) == (K, N)
+        except ValueError:
+            fits = False
+        if not fits:
+            raise DataError(f"sigma must be [K, N], [N] or a number, got {tuple(sigma.shape)}")
+    return K, N
+
+
+def _rows(value: Any, start: int, stop: int, K: int) -> Any:
+    """Curves ``start:stop`` of a per-curve ``[K, ...]`` input; a shared one as it is."""
+    if value is None or len(value.shape) < 2 or value.shape[0] != K:
+        return value
+    return value[start:stop]
+
+
+def _batch_tensors(
+    x: Any, y: Any, sigma: Any, mask: Any, dtype: torch.dtype, device: Any, first: int = 0
+) -> dict[str, Tensor | None]:
+    """One chunk's tensors (shapes checked already): NaN/inf folded into the mask, masked
+    points filled with harmless values. ``first`` is the chunk's first curve, for messages."""
+    y_t = _tensor(y, dtype, device)
+    K, N = y_t.shape
+    x_t = _tensor(x, dtype, device)
     valid = torch.isfinite(y_t) & torch.isfinite(x_t)
     if mask is not None:
-        mask_t = torch.as_tensor(np.asarray(mask), device=device)
-        if mask_t.shape != (K, N) or mask_t.dtype != torch.bool:
-            raise DataError(
-                f"mask must be a bool array of shape {(K, N)}, got {tuple(mask_t.shape)}"
-            )
-        valid &= mask_t
+        valid &= torch.as_tensor(mask, device=device)
     s_t = None
     if sigma is not None:
-        s_t = torch.as_tensor(np.asarray(sigma, dtype=np.float64), dtype=dtype, device=device)
-        s_t = s_t.expand(K, N).clone()
+        s_t = _tensor(sigma, dtype, device).expand(K, N)
         valid &= torch.isfinite(s_t)
         if bool((valid & (s_t <= 0)).any()):
             k, n = (valid & (s_t <= 0)).nonzero()[0].tolist()
-            raise DataError(f"sigma must be > 0, got {float(s_t[k, n])} at curve {k}, point {n}")
+            raise DataError(
+                f"sigma must be > 0, got {float(s_t[k, n])} at curve {first + k}, point {n}"
+            )
         s_t = torch.where(valid, s_t, 1.0)
     y_t = torch.where(valid, y_t, 0.0)
     if x_t.dim() == 2 or not bool(valid.all()):
         # a masked x takes its curve's first valid x, so the model stays finite there
         x_full = x_t.expand(K, N)
-        first = valid.to(torch.int8).argmax(-1, keepdim=True)
-        x_t = torch.where(valid, x_full, x_full.gather(-1, first))
+        first_valid = valid.to(torch.int8).argmax(-1, keepdim=True)
+        x_t = torch.where(valid, x_full, x_full.gather(-1, first_valid))
     return {"x": x_t, "y": y_t, "sigma": s_t, "mask": valid}
+
+
+def _tensor(value: Any, dtype: torch.dtype, device: Any) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.to(dtype=dtype, device=device)
+    return torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=dtype, device=device)
 
 
 def default_chunk_size(
