@@ -6,12 +6,13 @@ subexpressions and regroups products, so it may differ from it by rounding only.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import assume, given
 from test_expr import _ENV, _HYPOTHESIS, _TREES, _parse_with_some_parameter
 
 from gradfit.errors import ExpressionError
-from gradfit.expr import parse_expression
+from gradfit.expr import _FUNCTIONS, parse_expression
 from gradfit.program import _VAR, Program
 
 
@@ -113,3 +114,15 @@ def test_roots_are_computed_in_place_not_copied():
     # wrote its own row; d/d offset = 1 is a number, filled in
     assert [v is r for v, r in zip(values, rows, strict=True)] == [True, True, True, True, False]
     assert values[4] == 1.0 and bool((block[:, 4] == 1.0).all())
+
+
+@pytest.mark.parametrize("name", sorted(_FUNCTIONS))
+def test_every_function_writes_into_given_tensors(name):
+    expr = parse_expression(f"{name}(a*x) + b")
+    program = Program([expr.root, *(expr.diff(n).root for n in expr.param_names)], ("x",))
+    x = torch.linspace(0.1, 0.9, 9, dtype=torch.float64)
+    env = {"x": x, "a": torch.tensor([[0.5], [0.9]], dtype=torch.float64), "b": 1.0}
+    plain = [torch.as_tensor(v, dtype=torch.float64) for v in program.run(env)]
+    written = _run_into_rows(program, env, (2, 9))
+    for want, got in zip(plain, written, strict=True):
+        torch.testing.assert_close(got, want.expand(2, 9), rtol=0, atol=0, equal_nan=True)

@@ -32,8 +32,9 @@ Tensor = torch.Tensor
 # Bytes of working memory per chunk on the CPU: measured here, chunks of a few thousand curves
 # run fastest (larger ones fall out of cache: 30,000 Gaussian curves per chunk ran 1.5x slower).
 CPU_MEMORY = 64 * 2**20
-# Chunks between returns of the heap's free pages to the system: every chunk costs up to 25%
-# in page faults; never lets fragments of differently sized blocks pile up (~6 MB a chunk).
+# Every TRIM_EVERY chunks the heap's free pages go back to the system: trimming after every
+# chunk cost up to 25% in page faults; never trimming let fragments of differently sized
+# blocks pile up (~6 MB a chunk, so 10^7 curves would have kept gigabytes).
 TRIM_EVERY = 8
 GPU_MEMORY_FRACTION = 0.125  # of the device's free memory: one chunk fills the GPU
 ChunkHook = Callable[[int, int], None]  # (curves done, curves total)
@@ -245,7 +246,7 @@ def _batch_tensors(
 
 def _tensor(value: Any, dtype: torch.dtype, device: Any) -> Tensor:
     if isinstance(value, Tensor):
-        return value.to(dtype=dtype, device=device)
+        return value.detach().to(dtype=dtype, device=device)
     return torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=dtype, device=device)
 
 

@@ -11,8 +11,9 @@ starting points pass with the defaults):
   Cholesky per iteration and a smooth, fast reaction to good and bad steps.
 * Geodesic acceleration (Transtrum & Sethna 2012): a second-order correction from one extra
   residual evaluation; a step whose correction is large compared with the step itself is
-  rejected, which keeps the fit out of regions the quadratic model does not describe (BoxBOD
-  from its first start fails without it).
+  rejected (unless only a little too large and the gain ratio shows the model held), which
+  keeps the fit out of regions the quadratic model does not describe (BoxBOD from its first
+  start fails without it).
 * A *forgetting* Marquardt scale: the largest column norm seen so far, halved at every
   accepted step unless the current norm is larger.  MINPACK never forgets, so when a column
   shrinks by orders of magnitude (MGH10 from its first start) the stale scale freezes that
@@ -21,6 +22,9 @@ starting points pass with the defaults):
 Relative cost changes below about 1000 ulps are treated as rounding noise of the cost: steps
 predicted to gain less than that are judged by the model rather than by the noisy gain ratio,
 so a converged curve stops within an iteration or two instead of fighting the noise.
+
+Given ``subset``, the kernel drops stopped curves from its work as they stop: a batch costs
+about its mean number of iterations instead of its maximum.
 """
 
 from __future__ import annotations
