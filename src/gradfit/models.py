@@ -134,8 +134,7 @@ class Model:
         variables.update(zip(self.param_names, columns, strict=True))
         return variables
 
-    def output_shape(self, x: Variables, params: Tensor) -> tuple[int, ...]:
-        """The shape of ``f(x, params)``: x's and params' leading shapes broadcast."""
+    def _shape(self, x: Variables, params: Tensor) -> tuple[int, ...]:
         # plain tuple arithmetic: torch.broadcast_shapes costs tens of microseconds per call
         shapes = [v.shape for v in x.values()] if isinstance(x, Mapping) else [x.shape]
         shapes.append((*params.shape[:-1], 1))
@@ -152,7 +151,7 @@ class Model:
     def _call_expression(self, x: Variables, params: Tensor) -> Tensor:
         assert self.expression is not None
         (out,) = self._value.run(self._variables(x, params))
-        return _broadcast(out, self.output_shape(x, params), params)
+        return _broadcast(out, self._shape(x, params), params)
 
     def jacobian(self, x: Variables, params: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(f(x, params), ∂f/∂params)`` with shapes ``[..., N]`` and ``[..., N, P]``.
@@ -165,18 +164,15 @@ class Model:
             return None
         return columns[0], torch.stack(columns[1:], dim=-1)
 
-    def value_and_derivatives(
-        self, x: Variables, params: Tensor, out: Sequence[Tensor | None] = ()
-    ) -> list[Tensor] | None:
+    def value_and_derivatives(self, x: Variables, params: Tensor) -> list[Tensor] | None:
         """``[f, ∂f/∂p_1, ..., ∂f/∂p_P]``, each ``[..., N]``, for expressions; else None.
 
-        One straight-line program computes them all, sharing common subexpressions;
-        ``out[i]``, where given, receives item i (e.g. a row of a preallocated block).
+        One straight-line program computes them all, sharing common subexpressions.
         """
         if self.expression is None:
             return None
-        shape = self.output_shape(x, params)
-        values = self._value_and_derivatives.run(self._variables(x, params), out)
+        shape = self._shape(x, params)
+        values = self._value_and_derivatives.run(self._variables(x, params))
         # constant derivatives come back as numbers or 0-d CPU tensors: place and broadcast them
         return [_broadcast(v, shape, params) for v in values]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
 
 from .errors import ExpressionError
 from .expr import _ALL_FUNCTIONS, _CONSTANTS, _OPS, BinOp, Call, Const, Neg, Node, Num, Value, Var
@@ -134,20 +133,10 @@ class Program:
                 release[index].append(slot)
         return [tuple(r) for r in release]
 
-    def run(self, env: Mapping[str, Value], out: Sequence[Tensor | None] = ()) -> list[Value]:
-        """Values of the roots; a root without any tensor in it comes back as a float.
-
-        ``out[i]``, where given, receives root i: the step computing it writes there directly
-        when it can (saving a copy per root), else the value is copied in.
-        """
+    def run(self, env: Mapping[str, Value]) -> list[Value]:
+        """Values of the roots; a root without any tensor in it comes back as a float."""
         values: list[Value | None] = [None] * len(self._steps)
-        direct = self._direct_outputs(out)
         for index, (kind, arg, args) in enumerate(self._steps):
-            if index in direct:
-                value = _step_into(kind, arg, [values[a] for a in args], direct[index])
-                if value is not None:
-                    values[index] = value
-                    continue
             if kind == _VAR:
                 value = env[arg]  # type: ignore[index]
             elif kind == _NUM:
@@ -167,58 +156,7 @@ class Program:
             values[index] = value
             for slot in self._release[index]:
                 values[slot] = None
-        roots = [values[i] for i in self.outputs]
-        for root, dest in zip(roots, out, strict=False):
-            if dest is not None and root is not dest:
-                dest.copy_(root) if isinstance(root, Tensor) else dest.fill_(root)
-        return roots  # type: ignore[return-value]
-
-    def _direct_outputs(self, out: Sequence[Tensor | None]) -> dict[int, Tensor]:
-        """Steps that may write their root straight into ``out`` (a root computed once)."""
-        direct: dict[int, Tensor] = {}
-        for slot, dest in zip(self.outputs, out, strict=False):
-            if dest is not None and self._steps[slot][0] in (_POW_NUM, _BIN, _CALL):
-                if slot in direct:  # the same value is two roots: the second gets a copy
-                    continue
-                direct[slot] = dest
-        return direct
-
-
-_OUT_OPS = {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div, "**": torch.pow}
-
-
-def _step_into(kind: int, arg: object, operands: list[Value | None], dest: Tensor) -> Tensor | None:
-    """Compute one step into ``dest`` when its result has ``dest``'s shape; else None."""
-    tensors = [v for v in operands if isinstance(v, Tensor)]
-    if len(tensors) != len(operands):
-        return None  # a number among the operands: the plain path
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None  # out= records no gradient
-    if _broadcast_shape([t.shape for t in tensors]) != dest.shape:
-        return None
-    if any(t.dtype != dest.dtype or t.device != dest.device for t in tensors):
-        return None
-    if kind == _BIN:
-        return _OUT_OPS[arg](tensors[0], tensors[1], out=dest)  # type: ignore[index]
-    if kind == _CALL:
-        return _ALL_FUNCTIONS[arg][0](tensors[0], out=dest)  # type: ignore[index, call-arg]
-    exponent = float(arg)  # type: ignore[arg-type]
-    base = tensors[0]
-    if exponent == 2:  # as expr._power computes it
-        return torch.mul(base, base, out=dest)
-    if exponent.is_integer() and abs(exponent) <= 64:
-        return torch.pow(base, int(exponent), out=dest)
-    return torch.pow(base, exponent, out=dest)
-
-
-def _broadcast_shape(shapes: list[torch.Size]) -> tuple[int, ...]:
-    ndim = max(len(s) for s in shapes)
-    result = [1] * ndim
-    for shape in shapes:
-        for axis, size in enumerate(shape, start=ndim - len(shape)):
-            if size != 1:
-                result[axis] = size
-    return tuple(result)
+        return [values[i] for i in self.outputs]  # type: ignore[misc]
 
 
 def _flatten(node: Node) -> tuple[float, list[tuple[Node, int]]]:

@@ -43,18 +43,12 @@ def residual_functions(
         return residuals, None
 
     def stacked(theta: Tensor) -> Tensor:  # -> (K, F + 1, N)
-        params = space.to_params(theta)
-        K, N = model.output_shape(x, params)
-        rows = theta.new_empty(K, len(free) + 1, N)
-        # the program writes f and the free parameters' derivatives straight into the rows
-        into: list[Tensor | None] = [rows[:, -1]] + [None] * len(space.names)
-        for j, i in enumerate(free):
-            into[1 + i] = rows[:, j]
-        model.value_and_derivatives(x, params, out=into)
-        rows[:, -1].sub_(y)
+        y_pred, *columns = model.value_and_derivatives(x, space.to_params(theta))  # type: ignore[misc]
         if not space.is_identity:  # chain rule through the elementwise bound transforms
-            rows[:, :-1].mul_(space.derivative(theta).unsqueeze(-1))  # (K, F, 1)
-        return rows if sigma is None else rows.div_(sigma.unsqueeze(-2))
+            chain = space.derivative(theta).unsqueeze(-1)  # (K, F, 1)
+            columns = [columns[i] * chain[:, j] for j, i in enumerate(free)]
+        rows = torch.stack([*columns, y_pred - y], dim=-2)
+        return rows if sigma is None else rows / sigma.unsqueeze(-2)
 
     return residuals, stacked
 
