@@ -2,6 +2,7 @@
 
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -242,3 +243,18 @@ def test_inputs_as_lists_numpy_float32_and_tensors_give_one_answer():
     inputs = y.copy()
     gf.fit_batch("a*x + b", x, y, chunk_size=1)
     np.testing.assert_array_equal(y, inputs)  # the caller's arrays are never written to
+
+
+def test_concurrent_batches_restore_torch_thread_count():
+    x, y, _ = ragged_gaussians(K=40, N=30, seed=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            runs = [pool.submit(gf.fit_batch, "gaussian", x, y, chunk_size=5) for _ in range(3)]
+            results = [run.result() for run in runs]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        torch.testing.assert_close(result.params, results[0].params, rtol=1e-12, atol=1e-12)
