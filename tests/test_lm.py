@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import curve_fit, least_squares
 
+from gradfit.datasets import gaussian_peak
 from gradfit.optim.lm import (
     LMResult,
     LMStatus,
@@ -329,6 +330,28 @@ def test_exact_data_converges_to_the_exact_parameters() -> None:
 def test_noisy_data_stops_on_ftol_within_a_few_iterations() -> None:
     fit = levenberg_marquardt(residuals_for(exp_decay, decay_data(1)), torch.ones(1, 3, dtype=F64))
     assert statuses(fit) == [LMStatus.FTOL] and fit.n_iter.item() < 30
+
+
+def test_a_good_step_is_not_rejected_for_a_slightly_large_acceleration() -> None:
+    # From this rough start the first Gauss-Newton step has a gain ratio of 0.95 while its
+    # geodesic acceleration is ~1% beyond the trusted ratio: it is taken, not rejected (the
+    # strict rule spent five iterations raising the damping first).
+    x, y = (t.to(F64) for t in gaussian_peak(n=100, seed=0))
+
+    def gaussian(t: Tensor) -> Tensor:
+        return t[:, :1] * torch.exp(-((x - t[:, 1:2]) ** 2) / (2 * t[:, 2:3] ** 2)) + t[:, 3:4]
+
+    costs: list[float] = []
+    start = torch.tensor([[4.0, 0.5, 1.5, 0.0]], dtype=F64)
+    fit = levenberg_marquardt(
+        lambda t: gaussian(t) - y, start, callback=lambda it, cost: costs.append(float(cost[0]))
+    )
+    initial = 0.5 * float(((gaussian(start) - y) ** 2).sum())
+    assert costs[0] < 0.5 * initial  # the first iteration already moved
+    assert statuses(fit) == [LMStatus.FTOL] and fit.n_iter.item() <= 8
+    reference = scipy_fit(lambda p: gaussian(torch.tensor(p)[None])[0].numpy() - y.numpy(),
+                          start[0].numpy())  # fmt: skip
+    np.testing.assert_allclose(fit.theta[0].numpy(), reference, rtol=1e-7)
 
 
 def test_callback_can_stop_the_batch() -> None:
