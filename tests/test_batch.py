@@ -164,11 +164,6 @@ def test_chunks_side_by_side_on_several_cores_give_the_same_results():
     assert torch.equal(side_by_side.status, one_by_one.status)
 
 
-def test_optimizers_other_than_lm_are_refused_clearly():
-    with pytest.raises(gf.OptionError, match="lm"):
-        gf.fit_batch("a*x + b", np.arange(5.0), np.ones((2, 5)), optimizer="lbfgs")
-
-
 def test_pack_groups_keeps_keys_and_order():
     keys = np.array([7, 3, 7, 9, 3, 7])
     y = np.arange(6.0)

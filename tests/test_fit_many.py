@@ -142,3 +142,18 @@ def test_an_interrupted_run_resumes_and_skips_finished_chunks(tmp_path):
     for name in got.column_names:  # NaN-aware: the too-few-points row has NaN errors
         np.testing.assert_array_equal(got.column(name).to_numpy(), expected.column(name).to_numpy())
     assert len(resumed) == len(reference) == 30
+
+
+def test_first_order_optimizers_from_the_command_line(tmp_path):
+    data = tmp_path / "long.parquet"
+    pq.write_table(long_table([1, 2, 3, 4]), data)
+    out = tmp_path / "params.csv"
+    args = ["--group", "key", "--x", "t", "--y", "counts", "--model", "a*exp(-k*t) + c"]
+    options = ["--p0", "a=3,k=1,c=1", "--optimizer", "adam", "--lr", "0.05", "--epochs", "300"]
+    result = invoke("fit-many", data, *args, *options, "--loss", "mae", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = pa_csv.read_csv(out).to_pylist()
+    assert [r["status"] for r in rows] == ["max_iter"] * 3 + ["too_few_points"]
+    assert all(r["n_iter"] == 300 for r in rows[:-1])
+    refused = invoke("fit-many", data, *args, "--optimizer", "lbfgs", "--out", tmp_path / "x.csv")
+    assert refused.exit_code == 2 and "does not batch lbfgs" in refused.output

@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from ._malloc import release_freed_memory, reuse_freed_memory
+from .batch_first_order import fit_first_order
 from .batch_result import TOO_FEW_POINTS, BatchResult, concat
-from .errors import DataError, OptionError
+from .errors import DataError, OptionError, unknown_name
 from .loop import Problem
 from .losses import Loss, get_loss
 from .models import Model, as_model
+from .optim import DEFAULT_LR, FIRST_ORDER, OPTIMIZERS
 from .optim.least_squares import residual_functions, residual_subset
 from .optim.lm import autodiff_jacobian, levenberg_marquardt, stack_jacobian
 from .parameters import Bound, ParameterSpace
@@ -57,6 +59,7 @@ def fit_batch(
     loss: str | Loss = "mse",
     f_scale: float = 1.0,
     optimizer: str = "lm",
+    lr: float | None = None,
     epochs: int | None = None,
     tol: float | None = None,
     absolute_sigma: bool = False,
@@ -78,7 +81,10 @@ def fit_batch(
         mask: ``[K, N]`` bool, True where a point is valid.
         p0: one vector ``[P]``, per-curve ``[K, P]``, a mapping name -> value, or None (the
             built-in's vectorised guess, else ones).
-        optimizer: ``lm`` (default; ``gd``/``adam``/``sgd`` are not batched here yet).
+        optimizer: ``lm`` (default), or the first-order ``gd``, ``sgd``, ``adam`` (any named
+            loss, ``lr`` as in ``fit``, 15,000 epochs unless ``epochs``); ``auto`` is ``lm`` for
+            least-squares losses and ``adam`` otherwise. ``lbfgs`` is not batched.
+        lr: learning rate of a first-order optimizer (default as in ``fit``).
         chunk_size: curves per chunk; default from ``memory_budget`` bytes (default: a few
             thousand curves on the CPU, an eighth of the free memory of a GPU).
         on_chunk: called with (first curve index, chunk result) as each chunk finishes.
@@ -94,16 +100,14 @@ def fit_batch(
         >>> result.params.round(decimals=6).tolist(), result.converged.tolist()
         ([[2.0, 1.0], [-1.0, 3.0]], [True, True])
     """
-    if optimizer != "lm":
-        raise OptionError(
-            f"fit_batch supports optimizer 'lm' only, got {optimizer!r}; "
-            "fit curves one by one with gradfit.fit for gd/sgd/adam/lbfgs"
-        )
     model = as_model(model)
     dtype = dtype or torch.float64
     loss_fn = get_loss(loss)
-    if not loss_fn.least_squares:
-        raise OptionError(f"fit_batch needs a least-squares loss for 'lm', not {loss_fn.name!r}")
+    optimizer = _batch_optimizer(optimizer, loss_fn)
+    if optimizer in FIRST_ORDER:
+        lr = DEFAULT_LR[optimizer] if lr is None else lr
+        if not lr > 0:
+            raise OptionError(f"lr must be > 0, got {lr}")
     if loss_fn.name == "chi2" and sigma is None:
         raise OptionError("loss 'chi2' needs sigma (per-point standard deviations)")
     # The inputs stay as given (views, no copies): each chunk is converted when it is fitted,
@@ -136,7 +140,7 @@ def fit_batch(
             return None
         start, stop = bounds
         return _fit_chunk(model, tensors(start, stop), p0, start, stop, space, loss_fn,
-                          f_scale, epochs, tol, absolute_sigma)  # fmt: skip
+                          f_scale, optimizer, lr, epochs, tol, absolute_sigma)  # fmt: skip
 
     results = []
     with (
@@ -157,6 +161,27 @@ def fit_batch(
     if not results:
         return _empty(model, space, loss_fn)
     return concat(results)
+
+
+def _batch_optimizer(name: str, loss: Loss) -> str:
+    """The optimizer ``fit_batch`` runs for ``name``, or a clear refusal."""
+    if name not in OPTIMIZERS:
+        raise unknown_name("optimizer", name, OPTIMIZERS)
+    if name == "auto":
+        name = "lm" if loss.least_squares else "adam"
+    if name == "lbfgs":
+        raise OptionError(
+            "fit_batch does not batch lbfgs (each curve would need its own line search); "
+            "use lm, gd, sgd or adam, or gradfit.fit curve by curve"
+        )
+    if loss.custom is not None:
+        raise OptionError(
+            f"fit_batch needs a named loss (mse, sse, chi2, mae, huber, soft_l1, cauchy, arctan), "
+            f"not the callable {loss.name!r}; gradfit.fit takes it curve by curve"
+        )
+    if name == "lm" and not loss.least_squares:
+        raise OptionError(f"optimizer 'lm' needs a least-squares loss, not {loss.name!r}; use adam")
+    return name
 
 
 @contextmanager
@@ -323,6 +348,8 @@ def _fit_chunk(
     space: ParameterSpace,
     loss_fn: Loss,
     f_scale: float,
+    optimizer: str,
+    lr: float | None,
     epochs: int | None,
     tol: float | None,
     absolute_sigma: bool,
@@ -332,9 +359,24 @@ def _fit_chunk(
     p_start = _start(model, p0, x, y, mask, start, stop)
     space.check_start(p_start)
     problem = Problem(model, x, y, loss_fn.with_options(f_scale=f_scale, sigma=sigma), space)
-    residuals, stacked = residual_functions(problem)
     n_valid = mask.sum(-1)
     few = n_valid < len(space.free)
+    if optimizer in FIRST_ORDER:
+        assert lr is not None
+        theta, loss_values, n_iter, status = fit_first_order(
+            problem, space.to_theta(p_start), mask, optimizer, lr, epochs or 15_000, tol
+        )
+        params = space.to_params(theta).detach()
+        stats = _curve_statistics(
+            problem, params, mask, absolute_sigma, _weighted_rows(problem, params)
+        )
+        return BatchResult(
+            params=params, stderr=stats["stderr"], loss=loss_values, n_iter=n_iter,
+            status=torch.where(few, TOO_FEW_POINTS, status), param_names=model.param_names,
+            reduced_chi2=stats["reduced_chi2"], r2=stats["r2"], n_points=n_valid,
+            optimizer=optimizer, loss_name=loss_fn.name,
+        )  # fmt: skip
+    residuals, stacked = residual_functions(problem)
     options: dict[str, Any] = {} if tol is None else {"ftol": tol}
     if epochs is not None:
         options["max_iter"] = epochs

@@ -23,8 +23,10 @@ STATUS_NAMES = {
     5: "non_finite",
     6: "singular",
     7: "too_few_points",
+    8: "diverged",  # first-order optimizers: the loss became non-finite
 }
 TOO_FEW_POINTS = 7
+DIVERGED = 8
 CONVERGED = (1, 2, 3)
 
 

@@ -170,9 +170,16 @@ def fit_many_command(
     p0: Annotated[str | None, typer.Option("--p0", help="Starting values: a=1,b=2.")] = None,
     bounds: Annotated[str | None, typer.Option("--bounds", help="Bounds: k=0:inf.")] = None,
     fix: Annotated[str | None, typer.Option("--fix", help="Fixed values: c=0.")] = None,
-    loss: Annotated[str, typer.Option(help="mse sse chi2 huber soft_l1 cauchy arctan.")] = "mse",
+    loss: Annotated[
+        str, typer.Option(help="mse sse chi2 mae huber soft_l1 cauchy arctan.")
+    ] = "mse",
     f_scale: Annotated[float, typer.Option("--f-scale", help="Robust loss scale.")] = 1.0,
-    epochs: Annotated[int | None, typer.Option(help="LM iteration limit per curve.")] = None,
+    optimizer: Annotated[str, typer.Option(help="lm (default), gd, sgd, adam or auto.")] = "lm",
+    lr: Annotated[float | None, typer.Option(help="Learning rate of gd, sgd, adam.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Iteration (lm) or epoch limit per curve.")
+    ] = None,
+    tol: Annotated[float | None, typer.Option(help="lm: ftol; else a loss-change stop.")] = None,
     dtype: Annotated[str, typer.Option(help="float64 or float32.")] = "float64",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... [default: cpu].")] = None,
     chunk_size: Annotated[int | None, typer.Option(min=1, help="Curves per chunk.")] = None,
@@ -193,7 +200,8 @@ def fit_many_command(
         try:
             result = run_fit_many_command(
                 data, model=model, out=out, group=group, x=x, y=y, sigma=sigma, p0=p0,
-                bounds=bounds, fix=fix, loss=loss, f_scale=f_scale, epochs=epochs, dtype=dtype,
+                bounds=bounds, fix=fix, loss=loss, f_scale=f_scale, optimizer=optimizer, lr=lr,
+                epochs=epochs, tol=tol, dtype=dtype,
                 device=device, chunk_size=chunk_size, nan_policy=nan_policy,
                 absolute_sigma=absolute_sigma, resume=resume, overwrite=overwrite,
                 stop=lambda: stop.requested,

@@ -143,6 +143,9 @@ def run_fit_many_command(
     resume: bool,
     overwrite: bool,
     stop: Callable[[], bool] | None = None,
+    optimizer: str = "lm",
+    lr: float | None = None,
+    tol: float | None = None,
 ) -> BatchResult | None:
     """Parse the options, then ``many.run_fit_many``; None when a signal stopped the run."""
     import torch
@@ -160,6 +163,7 @@ def run_fit_many_command(
     return run_fit_many(
         data, model=the_model, group=group, x=x, y=y, sigma=sigma, out=out, resume=resume,
         overwrite=overwrite, chunk_size=chunk_size, nan_policy=nan_policy, stop=stop,
-        loss=loss, f_scale=f_scale, epochs=epochs, absolute_sigma=absolute_sigma,
+        loss=loss, f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs, tol=tol,
+        absolute_sigma=absolute_sigma,
         dtype=getattr(torch, DTYPES[dtype]), device=device, progress=True, **options,
     )  # fmt: skip

@@ -94,13 +94,16 @@ class Loss:
         r = y_pred - y_true
         if self.sigma is not None:
             r = r / self.sigma
-        if self.rho is _linear:  # plain squares: keep the post's arithmetic exactly
-            values = r**2
-        elif self.rho is None:  # mae
-            values = r.abs()
-        else:
-            values = self.f_scale**2 * self.rho((r / self.f_scale) ** 2)[0]
+        values = self.pointwise(r)
         return values.mean() if self.reduction == "mean" else values.sum()
+
+    def pointwise(self, r: Tensor) -> Tensor:
+        """Each point's term for residuals ``r`` (already divided by sigma); named losses."""
+        if self.rho is _linear:  # plain squares: keep the post's arithmetic exactly
+            return r**2
+        if self.rho is None:  # mae
+            return r.abs()
+        return self.f_scale**2 * self.rho((r / self.f_scale) ** 2)[0]
 
 
 LOSSES: dict[str, Loss] = {
