@@ -88,6 +88,17 @@ def test_fit_batch_ragged_bounded_robust_on_cuda_matches_cpu() -> None:
     torch.testing.assert_close(gpu.stderr.cpu(), cpu.stderr, rtol=1e-5, atol=1e-9)
 
 
+def test_fit_batch_adam_on_cuda_matches_cpu() -> None:
+    x, y = gaussians(K=200, N=60, seed=6)
+    y[::5, 45:] = np.nan
+    options = {"optimizer": "adam", "lr": 0.02, "epochs": 300, "loss": "huber", "p0": [2, 0, 1, 0]}
+    cpu = gf.fit_batch("gaussian", x, y, **options)
+    gpu = gf.fit_batch("gaussian", x, y, device="cuda", **options)
+    assert gpu.params.device.type == "cuda" and gpu.optimizer == "adam"
+    assert gpu.status.cpu().tolist() == cpu.status.tolist()
+    torch.testing.assert_close(gpu.params.cpu(), cpu.params, rtol=1e-7, atol=1e-9)
+
+
 def test_fit_batch_float32_on_cuda() -> None:
     x, y = gaussians(K=2000, N=100, seed=8)
     cpu = gf.fit_batch("gaussian", x, y)
