@@ -48,6 +48,7 @@ def test_each_curve_moves_as_fit_moves_it_alone(optimizer, lr, loss):
     batch = gf.fit_batch(MODEL, x, y, p0=[1.0, 0.0, 0.0], chunk_size=4, **options)
     assert batch.optimizer == optimizer and batch.loss_name == loss
     assert batch.status_names == ["max_iter"] * len(y)
+    assert "quantiles over converged or max_iter curves" in batch.summary()
     for i in (0, 2, 7):
         assert_same_as_fit(batch, x, y, i, **options)
 

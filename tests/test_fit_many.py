@@ -155,5 +155,6 @@ def test_first_order_optimizers_from_the_command_line(tmp_path):
     rows = pa_csv.read_csv(out).to_pylist()
     assert [r["status"] for r in rows] == ["max_iter"] * 3 + ["too_few_points"]
     assert all(r["n_iter"] == 300 for r in rows[:-1])
+    assert "quantiles over converged or max_iter curves" in result.output
     refused = invoke("fit-many", data, *args, "--optimizer", "lbfgs", "--out", tmp_path / "x.csv")
     assert refused.exit_code == 2 and "does not batch lbfgs" in refused.output

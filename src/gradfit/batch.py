@@ -103,7 +103,7 @@ def fit_batch(
     model = as_model(model)
     dtype = dtype or torch.float64
     loss_fn = get_loss(loss)
-    optimizer = _batch_optimizer(optimizer, loss_fn)
+    optimizer = batch_optimizer(optimizer, loss_fn)
     if optimizer in FIRST_ORDER:
         lr = DEFAULT_LR[optimizer] if lr is None else lr
         if not lr > 0:
@@ -163,7 +163,7 @@ def fit_batch(
     return concat(results)
 
 
-def _batch_optimizer(name: str, loss: Loss) -> str:
+def batch_optimizer(name: str, loss: Loss) -> str:
     """The optimizer ``fit_batch`` runs for ``name``, or a clear refusal."""
     if name not in OPTIMIZERS:
         raise unknown_name("optimizer", name, OPTIMIZERS)

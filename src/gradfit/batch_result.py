@@ -126,16 +126,20 @@ class BatchResult:
         return self.to_arrow().to_pandas()
 
     def summary(self) -> str:
-        """Counts by status and quantiles (5%, 50%, 95%) of each parameter over converged curves."""
+        """Counts by status and quantiles (5%, 50%, 95%) of each parameter over converged
+        curves (first-order runs: also those that ran their epochs)."""
         names, counts = np.unique(np.array(self.status_names, dtype=object), return_counts=True)
         counted = ", ".join(f"{n} {c}" for n, c in zip(names, counts, strict=True))
         lines = [f"{len(self)} curves: {counted}"]
-        good = self.params[self.converged]
+        usable, which = self.converged, "converged curves"
+        if self.optimizer != "lm":  # a first-order run normally ends at its epoch limit
+            usable, which = usable | (self.status == 4), "converged or max_iter curves"
+        good = self.params[usable]
         if good.shape[0] > 0:
             q = torch.quantile(
                 good.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64), dim=0
             )
-            lines.append("parameter quantiles over converged curves (5% / 50% / 95%):")
+            lines.append(f"parameter quantiles over {which} (5% / 50% / 95%):")
             for j, name in enumerate(self.param_names):
                 lo, mid, hi = q[:, j].tolist()
                 lines.append(f"  {name}: {lo:.6g} / {mid:.6g} / {hi:.6g}")

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from .batch import default_chunk_size, fit_batch
+from .batch import batch_optimizer, default_chunk_size, fit_batch
 from .batch_result import BatchResult
 from .data import NAN_POLICIES, read_raw_table, to_float
 from .errors import DataError, OptionError
 from .files import check_parent, write_text_atomic
+from .losses import get_loss
 from .models import Model
 
 OUTPUT_SUFFIXES = (".parquet", ".pq", ".csv")
@@ -163,6 +164,9 @@ def run_fit_many(
         return None
     # the table is re-read from the parts, so fresh and resumed runs write the same thing
     final = parts.combine(keys, group or "curve")
+    final.optimizer = batch_optimizer(
+        options.get("optimizer", "lm"), get_loss(options.get("loss", "mse"))
+    )
     final.save(out)
     parts.clean()
     return final
