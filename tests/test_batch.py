@@ -253,3 +253,42 @@ def test_concurrent_batches_restore_torch_thread_count():
         torch.set_num_threads(threads)
     for result in results[1:]:
         torch.testing.assert_close(result.params, results[0].params, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_results_stream_to_a_file_chunk_by_chunk(tmp_path, suffix):
+    import pyarrow.csv as pa_csv
+
+    x, y, _ = ragged_gaussians(K=23, N=30, seed=9)
+    out = tmp_path / "sub" / f"fits{suffix}"
+    rows_seen: list[int] = []
+
+    def watch(start, result):
+        rows_seen.append(len(list(tmp_path.glob("sub/*"))))  # only the temporary file so far
+        assert not out.exists()
+
+    result = gf.fit_batch("gaussian", x, y, chunk_size=5, out=out, on_chunk=watch)
+    assert rows_seen and max(rows_seen) == 1
+    table = pq.read_table(out) if suffix == ".parquet" else pa_csv.read_csv(out)
+    assert table.column("curve").to_pylist() == list(range(23))
+    np.testing.assert_allclose(table.column("amplitude").to_numpy(), result.params[:, 0].numpy())
+    assert table.column("status").to_pylist() == result.status_names
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left
+
+
+def test_an_incomplete_run_leaves_the_previous_file_alone(tmp_path):
+    x, y, _ = ragged_gaussians(K=12, N=30, seed=10)
+    out = tmp_path / "fits.parquet"
+    out.write_bytes(b"previous results")
+    gf.fit_batch("gaussian", x, y, chunk_size=4, out=out, skip_chunk=lambda s, e: s == 4)
+    with pytest.raises(RuntimeError, match="disk full"):
+
+        def fail(start, result):
+            if start == 8:
+                raise RuntimeError("disk full")
+
+        gf.fit_batch("gaussian", x, y, chunk_size=4, out=out, on_chunk=fail)
+    assert out.read_bytes() == b"previous results"
+    assert [p.name for p in tmp_path.iterdir()] == ["fits.parquet"]
+    with pytest.raises(gf.OptionError, match=r"use a \.parquet or \.csv file"):
+        gf.fit_batch("gaussian", x, y, out=tmp_path / "fits.txt")

@@ -7,11 +7,13 @@ of a batch gets the answer ``fit`` gives for curve i alone.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ from .optim import DEFAULT_LR, FIRST_ORDER, OPTIMIZERS
 from .optim.least_squares import residual_functions, residual_subset
 from .optim.lm import autodiff_jacobian, levenberg_marquardt, stack_jacobian
 from .parameters import Bound, ParameterSpace
+from .result_stream import ResultStream
 from .small_linalg import MAX_P, cholesky, cholesky_inverse
 
 Tensor = torch.Tensor
@@ -70,6 +73,7 @@ def fit_batch(
     progress: bool = False,
     on_chunk: Callable[[int, BatchResult], None] | None = None,
     skip_chunk: Callable[[int, int], bool] | None = None,
+    out: str | Path | None = None,
 ) -> BatchResult:
     """Fit ``model`` to each row of ``y`` ``[K, N]`` independently.
 
@@ -91,6 +95,9 @@ def fit_batch(
         skip_chunk: called with (start, stop); True skips that chunk (resuming a run). It is
             asked just before the chunk runs (maybe on a worker thread) and again before its
             result is kept, so that a stop request drops chunks still in flight.
+        out: a ``.parquet`` or ``.csv`` file that receives each chunk's rows as it finishes
+            (with a ``curve`` index column); it appears only once every chunk is in (not if
+            a chunk was skipped), and an existing file is replaced only then.
 
     Example:
         >>> import gradfit as gf
@@ -143,7 +150,9 @@ def fit_batch(
                           f_scale, optimizer, lr, epochs, tol, absolute_sigma)  # fmt: skip
 
     results = []
+    stream = ResultStream(out) if out is not None else None
     with (
+        stream or contextlib.nullcontext(),
         _progress(progress, K) as advance,
         reuse_freed_memory(),
         _chunk_map(torch.device(device or "cpu"), len(chunks)) as chunk_map,
@@ -154,13 +163,19 @@ def fit_batch(
             if result is not None and not skipped((start, stop)):
                 if on_chunk is not None:
                     on_chunk(start, result)
+                if stream is not None:
+                    result.keys, result.key_name = np.arange(start, stop), "curve"
+                    stream.write(result.to_arrow())
                 results.append(result)
             if (start // chunk) % TRIM_EVERY == TRIM_EVERY - 1:
                 release_freed_memory()
             advance(stop - start)
-    if not results:
-        return _empty(model, space, loss_fn)
-    return concat(results)
+        joined = concat(results) if results else _empty(model, space, loss_fn)
+        if stream is not None:
+            if not chunks:
+                stream.write(joined.to_arrow())
+            stream.finish(complete=len(results) == len(chunks))
+    return joined
 
 
 def batch_optimizer(name: str, loss: Loss) -> str:

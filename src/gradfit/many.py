@@ -23,8 +23,7 @@ from .errors import DataError, OptionError
 from .files import check_parent, write_text_atomic
 from .losses import get_loss
 from .models import Model
-
-OUTPUT_SUFFIXES = (".parquet", ".pq", ".csv")
+from .result_stream import SUFFIXES as OUTPUT_SUFFIXES
 
 
 def pack_groups(
