@@ -281,6 +281,10 @@ LIBRARY_CASES = [
     ("checkpoint_every", lambda x, y: gf.fit("a*x", x, y, checkpoint=Path("never.pt"),
                                              checkpoint_every=0),
      gf.OptionError, ["checkpoint_every must be >= 1"]),
+    ("epochs 0", lambda x, y: gf.fit("a*x", x, y, optimizer="gd", epochs=0), gf.OptionError,
+     ["epochs must be >= 1", "got 0"]),
+    ("batch epochs", lambda x, y: gf.fit_batch("a*x", x, torch.stack([y, y]), epochs=-2),
+     gf.OptionError, ["epochs must be >= 1", "got -2"]),
 ]  # fmt: skip
 
 

@@ -27,7 +27,7 @@ from .errors import DataError, OptionError, unknown_name
 from .loop import Problem
 from .losses import Loss, get_loss
 from .models import Model, as_model
-from .optim import DEFAULT_LR, FIRST_ORDER, OPTIMIZERS
+from .optim import DEFAULT_LR, FIRST_ORDER, OPTIMIZERS, check_epochs
 from .optim.least_squares import residual_functions, residual_subset
 from .optim.lm import autodiff_jacobian, levenberg_marquardt, stack_jacobian
 from .parameters import Bound, ParameterSpace
@@ -111,6 +111,7 @@ def fit_batch(
     dtype = dtype or torch.float64
     loss_fn = get_loss(loss)
     optimizer = batch_optimizer(optimizer, loss_fn)
+    check_epochs(epochs)
     if optimizer in FIRST_ORDER:
         lr = DEFAULT_LR[optimizer] if lr is None else lr
         if not lr > 0:

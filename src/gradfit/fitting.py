@@ -19,7 +19,7 @@ from .files import check_parent
 from .loop import Hook, LoopOutcome, LoopState, Problem, chain_hooks, run_lbfgs, run_loop
 from .losses import Loss, get_loss
 from .models import BUILTINS, Model, as_model, get_builtin
-from .optim import DEFAULT_LR, FIRST_ORDER, OPTIMIZERS
+from .optim import DEFAULT_LR, FIRST_ORDER, OPTIMIZERS, check_epochs
 from .parameters import Bound, ParameterSpace
 from .progress import progress_bar
 from .results import FitResult
@@ -104,6 +104,7 @@ def fit(
         raise OptionError("loss 'chi2' needs sigma (per-point standard deviations)")
     loss_fn = loss_fn.with_options(f_scale=f_scale, sigma=data.sigma)
     optimizer = _choose_optimizer(optimizer, loss_fn)
+    check_epochs(epochs)
     space = ParameterSpace.build(model.param_names, bounds, fixed)
     if data.n_points < len(space.free):
         raise OptionError(

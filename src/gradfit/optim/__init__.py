@@ -9,4 +9,16 @@ OPTIMIZERS = ("auto", "gd", "sgd", "adam", "lbfgs", "lm")
 #: default learning rates: the post's 1e-3 for gd; Adam's usual step is larger
 DEFAULT_LR = {"gd": 1e-3, "sgd": 1e-3, "adam": 1e-2, "lbfgs": 1.0}
 
-__all__ = ["DEFAULT_LR", "FIRST_ORDER", "OPTIMIZERS", "Adam", "GradientDescent", "Momentum"]
+
+def check_epochs(epochs: int | None) -> None:
+    """Refuse an epoch (LM: iteration) limit below 1; None means the optimizer's default."""
+    if epochs is not None and not epochs >= 1:
+        from ..errors import OptionError
+
+        raise OptionError(f"epochs must be >= 1 (or left out for the default), got {epochs}")
+
+
+__all__ = [
+    "DEFAULT_LR", "FIRST_ORDER", "OPTIMIZERS", "Adam", "GradientDescent", "Momentum",
+    "check_epochs",
+]  # fmt: skip
