@@ -468,3 +468,23 @@ def test_cuda_matches_cpu() -> None:
     np.testing.assert_allclose(
         gpu.theta.cpu().numpy(), cpu.theta.numpy(), rtol=1e-9, equal_nan=True
     )
+
+
+def test_symbolic_rows_run_without_autograd_and_return_ordinary_tensors() -> None:
+    y = decay_data(2)
+    seen: list[bool] = []
+
+    def stacked(theta: Tensor) -> Tensor:
+        seen.append(torch.is_inference_mode_enabled())
+        a, k, c = theta[:, :1], theta[:, 1:2], theta[:, 2:]
+        e = torch.exp(-k * X)
+        return torch.stack([e, -a * X * e, torch.ones_like(e), a * e + c - y], dim=1)
+
+    theta0 = torch.ones(2, 3, dtype=F64)
+    fit = levenberg_marquardt(lambda t: exp_decay(t) - y, theta0, stacked=stacked)
+    reference = levenberg_marquardt(lambda t: exp_decay(t) - y, theta0)  # autograd Jacobians
+    assert seen and all(seen)
+    np.testing.assert_allclose(fit.theta.numpy(), reference.theta.numpy(), rtol=1e-9)
+    for t in (fit.theta, fit.cost, fit.status, fit.rows):
+        assert not t.is_inference()
+    fit.theta.requires_grad_(True)  # refused for inference tensors

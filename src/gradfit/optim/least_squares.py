@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -17,7 +18,6 @@ from .lm import (
     autodiff_jacobian,
     describe,
     levenberg_marquardt,
-    stack_jacobian,
 )
 
 Tensor = torch.Tensor
@@ -96,16 +96,34 @@ def run_lm(
     )
     # the kernel reports costs, not parameters: score each point it evaluates instead
     loss_of_residuals = replace(loss, sigma=None)  # residuals arrive already divided by sigma
-    evaluate = stacked or stack_jacobian(autodiff_jacobian(residuals))
 
-    def tracked(theta: Tensor) -> Tensor:
-        rows = evaluate(theta)
-        r = rows[:, -1]
+    def record(theta: Tensor, r: Tensor) -> None:
         value = float(loss_of_residuals(r, torch.zeros_like(r)))
         if value < state.best_loss:
             state.best_loss, state.best_theta = value, theta[0].detach().clone()
             state.theta = state.best_theta
-        return rows
+
+    # symbolic rows go in as ``stacked`` (the kernel then runs without autograd), autodiff
+    # Jacobians as ``jacobian``
+    evaluation: dict[str, Callable[[Tensor], Any]] = {}
+    if stacked is not None:
+        symbolic = stacked
+
+        def tracked_rows(theta: Tensor) -> Tensor:
+            rows = symbolic(theta)
+            record(theta, rows[:, -1])
+            return rows
+
+        evaluation["stacked"] = tracked_rows
+    else:
+        autodiff = autodiff_jacobian(residuals)
+
+        def tracked_jacobian(theta: Tensor) -> tuple[Tensor, Tensor]:
+            r, J = autodiff(theta)
+            record(theta, r)
+            return r, J
+
+        evaluation["jacobian"] = tracked_jacobian
 
     stopped: list[int] = []
 
@@ -123,12 +141,15 @@ def run_lm(
     result = levenberg_marquardt(
         residuals,
         state.theta.detach().unsqueeze(0),
-        stacked=tracked,
+        **evaluation,
         robust=robust,
         f_scale=loss.f_scale,
         callback=callback,
         **options,
     )
+    if state.best_theta is not None and state.best_theta.is_inference():
+        state.best_theta = state.best_theta.clone()  # recorded inside the kernel's inference mode
+        state.theta = state.best_theta
     code = int(result.status[0])
     status = {
         LMStatus.FTOL: "converged",

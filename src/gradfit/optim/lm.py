@@ -469,10 +469,32 @@ def levenberg_marquardt(
     eps = torch.finfo(theta0.dtype).eps
     noise = _COST_NOISE * eps
     tol = _Tols(max(ftol, eps), max(ftol, noise), noise, max(xtol, eps), max(gtol, eps))
+    # Symbolic rows need no autograd: inference mode skips its bookkeeping on every one of the
+    # iteration's ~130 small operations (a single fit runs 20% faster).
+    symbolic = stacked is not None
     if stacked is None:
         stacked = stack_jacobian(jacobian or autodiff_jacobian(residuals))
     ev = _Evaluator(residuals, stacked, mask, robust, f_scale)
-    theta = theta0.detach()
+    with torch.inference_mode(symbolic):
+        result = _solve(ev, theta0.detach(), tol, max_iter, callback, geodesic, subset)
+    if not symbolic:
+        return result
+    # hand back ordinary tensors: inference tensors refuse later autograd and in-place use
+    return LMResult(
+        result.theta.clone(), result.cost.clone(), result.n_iter.clone(), result.n_eval,
+        result.status.clone(), result.rows.clone(),
+    )  # fmt: skip
+
+
+def _solve(
+    ev: _Evaluator,
+    theta: Tensor,
+    tol: _Tols,
+    max_iter: int,
+    callback: Callable[[int, Tensor], bool | None] | None,
+    geodesic: bool,
+    subset: Subset | None,
+) -> LMResult:
     st = _State.start(theta, ev.point(theta), tol.g)
     batch: LMResult | None = None  # the whole batch's outcome, once the work has shrunk
     index = torch.arange(theta.shape[0], device=theta.device)  # st's curves in the batch
