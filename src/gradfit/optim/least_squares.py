@@ -98,7 +98,10 @@ def run_lm(
     loss_of_residuals = replace(loss, sigma=None)  # residuals arrive already divided by sigma
 
     def record(theta: Tensor, r: Tensor) -> None:
-        value = float(loss_of_residuals(r, torch.zeros_like(r)))
+        if robust is None:  # plain squares: one dot product instead of the loss's four steps
+            value = float(torch.linalg.vecdot(r[0], r[0])) * to_loss / 2
+        else:
+            value = float(loss_of_residuals(r, torch.zeros_like(r)))
         if value < state.best_loss:
             state.best_loss, state.best_theta = value, theta[0].detach().clone()
             state.theta = state.best_theta
