@@ -1,8 +1,10 @@
 """Many independent fits at once: the same model, loss and solver with a leading batch axis.
 
 Curves are processed in chunks sized to a memory budget; each chunk is one call of the
-batched Levenberg–Marquardt kernel (the one ``gradfit.fit`` runs with K = 1), so curve i
-of a batch gets the answer ``fit`` gives for curve i alone.
+batched Levenberg–Marquardt kernel (the one ``gradfit.fit`` runs with K = 1), or of the
+post's first-order loop with a curve axis (``batch_first_order``), so curve i of a batch gets
+the answer ``fit`` gives for curve i alone. Inputs are converted chunk by chunk; on a
+multi-core CPU chunks run side by side.
 """
 
 from __future__ import annotations
