@@ -29,7 +29,7 @@ from .errors import DataError, OptionError, unknown_name
 from .loop import Problem
 from .losses import Loss, get_loss
 from .models import Model, as_model
-from .optim import DEFAULT_LR, FIRST_ORDER, OPTIMIZERS, check_epochs
+from .optim import FIRST_ORDER, OPTIMIZERS, check_epochs, learning_rate
 from .optim.least_squares import residual_functions, residual_subset
 from .optim.lm import autodiff_jacobian, levenberg_marquardt, stack_jacobian
 from .parameters import Bound, ParameterSpace
@@ -114,10 +114,7 @@ def fit_batch(
     loss_fn = get_loss(loss)
     optimizer = batch_optimizer(optimizer, loss_fn)
     check_epochs(epochs)
-    if optimizer in FIRST_ORDER:
-        lr = DEFAULT_LR[optimizer] if lr is None else lr
-        if not lr > 0:
-            raise OptionError(f"lr must be > 0, got {lr}")
+    lr = learning_rate(optimizer, lr)
     if loss_fn.name == "chi2" and sigma is None:
         raise OptionError("loss 'chi2' needs sigma (per-point standard deviations)")
     # The inputs stay as given (views, no copies): each chunk is converted when it is fitted,
@@ -385,9 +382,7 @@ def _fit_chunk(
             problem, space.to_theta(p_start), mask, optimizer, lr, epochs or 15_000, tol
         )
         params = space.to_params(theta).detach()
-        stats = _curve_statistics(
-            problem, params, mask, absolute_sigma, _weighted_rows(problem, params)
-        )
+        stats = _curve_statistics(problem, params, mask, absolute_sigma, rows=None)
         return BatchResult(
             params=params, stderr=stats["stderr"], loss=loss_values, n_iter=n_iter,
             status=torch.where(few, TOO_FEW_POINTS, status), param_names=model.param_names,
@@ -419,18 +414,18 @@ def _fit_chunk(
 
 
 def _curve_statistics(
-    problem: Problem, params: Tensor, mask: Tensor, absolute_sigma: bool, rows: Tensor
+    problem: Problem, params: Tensor, mask: Tensor, absolute_sigma: bool, rows: Tensor | None
 ) -> dict[str, Tensor]:
     """Per-curve stderr, reduced χ² and R², from the Jacobian at the solution.
 
-    ``rows`` are the kernel's weighted Jacobian rows and residuals at the solution; they are
-    the ones needed here unless bounds transform the parameters.
+    ``rows`` are the LM kernel's weighted Jacobian rows and residuals at the solution; they
+    are the ones needed here unless bounds transform the parameters. None: evaluate them.
     """
     from . import stats
 
     space, free = problem.space, problem.space.free
     y_pred = problem.model(problem.x, params).detach()
-    if not space.is_identity:
+    if rows is None or not space.is_identity:
         rows = _weighted_rows(problem, params)
     if not bool(mask.all()):
         rows = torch.where(mask.unsqueeze(1), rows, 0.0)

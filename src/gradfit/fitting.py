@@ -19,7 +19,7 @@ from .files import check_parent
 from .loop import Hook, LoopOutcome, LoopState, Problem, chain_hooks, run_lbfgs, run_loop
 from .losses import Loss, get_loss
 from .models import BUILTINS, Model, as_model, get_builtin
-from .optim import DEFAULT_LR, FIRST_ORDER, OPTIMIZERS, check_epochs
+from .optim import FIRST_ORDER, OPTIMIZERS, check_epochs, learning_rate
 from .parameters import Bound, ParameterSpace
 from .progress import progress_bar
 from .results import FitResult
@@ -116,7 +116,7 @@ def fit(
     _check_model_output(model, data.x, data.y, p_start)
     problem = Problem(model, data.x, data.y, loss_fn, space)
     theta = space.to_theta(p_start.unsqueeze(0))[0]
-    lr = _learning_rate(optimizer, lr)
+    lr = learning_rate(optimizer, lr)
     identity = checkpoints.identify(problem, optimizer, lr) if checkpoint or resume else {}
     if resume is not None:
         state = checkpoints.load_checkpoint(resume, identity, theta.device)
@@ -203,15 +203,6 @@ def _check_model_output(model: Model, x: Any, y: Tensor, p: Tensor) -> None:
         raise ModelError(
             f"the model is not finite at p0 ({values}) at row {row}; choose another p0"
         )
-
-
-def _learning_rate(optimizer: str, lr: float | None) -> float | None:
-    if optimizer == "lm":
-        return None  # LM chooses its own steps
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    if not lr > 0:
-        raise OptionError(f"lr must be > 0, got {lr}")
-    return lr
 
 
 def _checkpoint_every(every: int | None, optimizer: str, path: str | Path) -> int:
