@@ -29,7 +29,7 @@ from .errors import DataError, OptionError, unknown_name
 from .loop import Problem
 from .losses import Loss, get_loss
 from .models import Model, as_model
-from .optim import FIRST_ORDER, OPTIMIZERS, check_epochs, learning_rate
+from .optim import FIRST_ORDER, OPTIMIZERS, check_epochs, learning_rate, lm_compiled
 from .optim.least_squares import residual_functions, residual_subset
 from .optim.lm import autodiff_jacobian, levenberg_marquardt, stack_jacobian
 from .parameters import Bound, ParameterSpace
@@ -395,8 +395,12 @@ def _fit_chunk(
         options["max_iter"] = epochs
     robust = None if loss_fn.name in ("mse", "sse", "chi2") else loss_fn.rho
     kernel_mask = None if bool(mask.all()) else mask
+    theta0 = space.to_theta(p_start)
+    if lm_compiled.supports(problem, robust, theta0):
+        fitted = lm_compiled.fit_curves(problem, theta0, kernel_mask, **options)
+        return _compiled_result(problem, fitted, few, absolute_sigma)
     solved = levenberg_marquardt(
-        residuals, space.to_theta(p_start), stacked=stacked, robust=robust, mask=kernel_mask,
+        residuals, theta0, stacked=stacked, robust=robust, mask=kernel_mask,
         f_scale=f_scale, subset=residual_subset(problem, kernel_mask), **options,
     )  # fmt: skip
     params = space.to_params(solved.theta)
@@ -410,6 +414,25 @@ def _fit_chunk(
         params=params, stderr=stats["stderr"], loss=loss_values, n_iter=solved.n_iter,
         status=status, param_names=model.param_names, reduced_chi2=stats["reduced_chi2"],
         r2=stats["r2"], n_points=n_valid, loss_name=loss_fn.name,
+    )  # fmt: skip
+
+
+def _compiled_result(
+    problem: Problem, fitted: lm_compiled.CompiledFit, few: Tensor, absolute_sigma: bool
+) -> BatchResult:
+    """A chunk's result from the compiled kernel, which computed the statistics itself."""
+    space, n = problem.space, fitted.n_points
+    dof = (n - len(space.free)).to(fitted.chi2.dtype)
+    reduced_chi2 = torch.where(dof > 0, fitted.chi2 / dof.clamp_min(1), torch.nan)
+    scale = torch.ones_like(reduced_chi2) if absolute_sigma else reduced_chi2
+    params = space.to_params(fitted.theta)
+    stderr = torch.full_like(params, torch.nan)
+    stderr[:, space.free] = torch.sqrt(fitted.variance * scale.unsqueeze(-1))
+    per_point = n.clamp_min(1) if problem.loss.reduction == "mean" else 1
+    return BatchResult(
+        params=params, stderr=stderr, loss=2 * fitted.cost / per_point, n_iter=fitted.n_iter,
+        status=torch.where(few, TOO_FEW_POINTS, fitted.status), param_names=space.names,
+        reduced_chi2=reduced_chi2, r2=fitted.r2, n_points=n, loss_name=problem.loss.name,
     )  # fmt: skip
 
 

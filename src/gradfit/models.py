@@ -164,6 +164,13 @@ class Model:
             return None
         return columns[0], torch.stack(columns[1:], dim=-1)
 
+    @property
+    def programs(self) -> tuple[Program, Program] | None:
+        """An expression's programs: its value, and its value with every derivative."""
+        if self.expression is None:
+            return None
+        return self._value, self._value_and_derivatives
+
     def value_and_derivatives(self, x: Variables, params: Tensor) -> list[Tensor] | None:
         """``[f, ∂f/∂p_1, ..., ∂f/∂p_P]``, each ``[..., N]``, for expressions; else None.
 

@@ -57,6 +57,11 @@ class Program:
     def n_steps(self) -> int:
         return len(self._steps)
 
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """``(kind, argument, operand slots)`` per step, in evaluation order."""
+        return tuple(self._steps)
+
     def _number(self, node: Node) -> int:
         slot = self._by_id.get(id(node))
         if slot is not None:
