@@ -17,6 +17,7 @@ damped system cannot be factorised is rejected without evaluating its (NaN) tria
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numba
@@ -38,6 +39,8 @@ _LAMBDA0, _LAMBDA_MIN, _LAMBDA_MAX = lm._LAMBDA0, lm._LAMBDA_MIN, lm._LAMBDA_MAX
 _ACCEPT, _SCALE_DECAY, _H = lm._ACCEPT, lm._SCALE_DECAY, lm._GEODESIC_H
 _ALPHA, _NEAR_TRUST, _GOOD_GAIN = lm._GEODESIC_ALPHA, lm._NEAR_TRUST, lm._GOOD_GAIN
 _NO_BOUND, _BOTH, _LOWER, _UPPER = range(4)
+# GRADFIT_COMPILED=0 sends every fit to the PyTorch kernel (to compare, or to rule this out)
+ENABLED = os.environ.get("GRADFIT_COMPILED", "1") != "0"
 
 
 def _codes(model: Model) -> tuple[Code, Code] | None:
@@ -53,7 +56,8 @@ def _codes(model: Model) -> tuple[Code, Code] | None:
 def supports(problem: Problem, robust: object, theta: torch.Tensor) -> bool:
     """Whether this kernel can fit ``problem`` (else use ``lm.levenberg_marquardt``)."""
     return (
-        robust is None
+        ENABLED
+        and robust is None
         and theta.dtype == torch.float64
         and theta.device.type == "cpu"
         and isinstance(problem.x, torch.Tensor)
