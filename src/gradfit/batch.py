@@ -421,18 +421,20 @@ def _compiled_result(
     problem: Problem, fitted: lm_compiled.CompiledFit, few: Tensor, absolute_sigma: bool
 ) -> BatchResult:
     """A chunk's result from the compiled kernel, which computed the statistics itself."""
-    space, n = problem.space, fitted.n_points
-    dof = (n - len(space.free)).to(fitted.chi2.dtype)
-    reduced_chi2 = torch.where(dof > 0, fitted.chi2 / dof.clamp_min(1), torch.nan)
+    space, t = problem.space, torch.from_numpy
+    n, chi2 = t(fitted.n_points), t(fitted.chi2)
+    dof = (n - len(space.free)).to(chi2.dtype)
+    reduced_chi2 = torch.where(dof > 0, chi2 / dof.clamp_min(1), torch.nan)
     scale = torch.ones_like(reduced_chi2) if absolute_sigma else reduced_chi2
-    params = space.to_params(fitted.theta)
+    params = space.to_params(t(fitted.theta))
     stderr = torch.full_like(params, torch.nan)
-    stderr[:, space.free] = torch.sqrt(fitted.variance * scale.unsqueeze(-1))
+    stderr[:, space.free] = torch.sqrt(t(fitted.variance) * scale.unsqueeze(-1))
     per_point = n.clamp_min(1) if problem.loss.reduction == "mean" else 1
     return BatchResult(
-        params=params, stderr=stderr, loss=2 * fitted.cost / per_point, n_iter=fitted.n_iter,
-        status=torch.where(few, TOO_FEW_POINTS, fitted.status), param_names=space.names,
-        reduced_chi2=reduced_chi2, r2=fitted.r2, n_points=n, loss_name=problem.loss.name,
+        params=params, stderr=stderr, loss=2 * t(fitted.cost) / per_point,
+        n_iter=t(fitted.n_iter), status=torch.where(few, TOO_FEW_POINTS, t(fitted.status)),
+        param_names=space.names, reduced_chi2=reduced_chi2, r2=t(fitted.r2), n_points=n,
+        loss_name=problem.loss.name,
     )  # fmt: skip
 
 

@@ -187,21 +187,23 @@ def _starting_params(
 
 
 def _check_model_output(model: Model, x: Any, y: Tensor, p: Tensor) -> None:
-    values = ", ".join(f"{n}={v:g}" for n, v in zip(model.param_names, p.tolist(), strict=True))
+    def values() -> str:
+        return ", ".join(f"{n}={v:g}" for n, v in zip(model.param_names, p.tolist(), strict=True))
+
     with torch.no_grad():
         try:
             out = model(x, p)
         except ModelError:
             raise
         except Exception as error:
-            raise ModelError(f"the model failed at p0 ({values}): {error}") from None
+            raise ModelError(f"the model failed at p0 ({values()}): {error}") from None
     if not isinstance(out, Tensor) or out.shape != y.shape:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ModelError(f"the model returned shape {shape}, expected {tuple(y.shape)} (like y)")
     if not torch.isfinite(out).all():
         row = int((~torch.isfinite(out)).nonzero()[0, 0])
         raise ModelError(
-            f"the model is not finite at p0 ({values}) at row {row}; choose another p0"
+            f"the model is not finite at p0 ({values()}) at row {row}; choose another p0"
         )
 
 
@@ -243,19 +245,24 @@ def _result(
     params = space.to_params(theta.unsqueeze(0))[0]
     free = space.free
     y_pred, J = _prediction_and_jacobian(model, problem.x, params)
-    sigma = problem.loss.sigma
-    weights = 1.0 if sigma is None else 1 / sigma
-    residuals = (y_pred - problem.y) * weights
-    fit_stats = stats.goodness(problem.y, y_pred, residuals, len(free))
-    J_free = J[..., free] * (weights.unsqueeze(-1) if sigma is not None else 1.0)
-    scale = 1.0 if absolute_sigma else fit_stats["reduced_chi2"]  # as curve_fit: sigma=1 if unset
-    if isinstance(scale, Tensor) and not torch.isfinite(scale):
-        scale = torch.tensor(math.inf, dtype=params.dtype)
-    cov_free = stats.covariance(J_free, scale)
+    y, sigma = problem.y, problem.loss.sigma
+    if y.device.type == "cpu":  # one fit's small arrays: NumPy's per-operation cost is far lower
+        y_pred, J, y = y_pred.numpy(), J.numpy(), y.numpy()
+        sigma = None if sigma is None else sigma.numpy()
+    residuals = y_pred - y if sigma is None else (y_pred - y) / sigma
+    fit_stats = stats.goodness(y, y_pred, residuals, len(free))
     P = len(space.names)
-    cov = torch.zeros(P, P, dtype=params.dtype, device=params.device)
-    index = torch.tensor(free, device=params.device)
-    cov[index.unsqueeze(-1), index] = cov_free
+    J_free = J if len(free) == P else J[..., free]
+    if sigma is not None:
+        J_free = J_free / sigma[..., None]
+    scale = 1.0 if absolute_sigma else fit_stats["reduced_chi2"]  # as curve_fit: sigma=1 if unset
+    if not math.isfinite(float(scale)):
+        scale = math.inf
+    cov_free = stats.covariance(J_free, scale)
+    cov = torch.as_tensor(cov_free, device=params.device)
+    if len(free) < P:
+        cov = torch.zeros(P, P, dtype=params.dtype, device=params.device)
+        cov[[[i] for i in free], free] = torch.as_tensor(cov_free, device=params.device)
     return FitResult.build(
         model=model,
         problem=problem,

@@ -96,9 +96,9 @@ class ParameterSpace:
         values = p0.reshape(-1, len(self.names))
         for i, name in enumerate(self.names):
             lo, hi = self.lower[i], self.upper[i]
-            column = values[:, i]
-            if self.fixed[i] is not None:
+            if self.fixed[i] is not None or (lo is None and hi is None):
                 continue
+            column = values[:, i]
             if (lo is not None and bool((column < lo).any())) or (
                 hi is not None and bool((column > hi).any())
             ):
@@ -107,6 +107,8 @@ class ParameterSpace:
 
     def to_theta(self, p: Tensor) -> Tensor:
         """Model parameters ``[..., P]`` -> free unconstrained ``theta`` ``[..., F]``."""
+        if self.is_identity:
+            return p.clone()
         columns = []
         for i in self.free:
             lo, hi, v = self.lower[i], self.upper[i], p[..., i]

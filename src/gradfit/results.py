@@ -74,7 +74,9 @@ class FitResult:
     ) -> FitResult:
         space = problem.space
         names = space.names
-        sd = stats.stderr_from(covariance)
+        # one fit's statistics on the CPU run in NumPy (see fitting._result)
+        cov = covariance.numpy() if covariance.device.type == "cpu" else covariance
+        sd = stats.stderr_from(cov)
         fixed = tuple(n for n, v in zip(names, space.fixed, strict=True) if v is not None)
         at_bound = space.at_bound(params)
         return cls(
@@ -84,7 +86,7 @@ class FitResult:
                 for n, s in zip(names, sd.tolist(), strict=True)
             },
             covariance=covariance,
-            correlation=stats.correlation(covariance),
+            correlation=torch.as_tensor(stats.correlation(cov), device=covariance.device),
             param_names=names,
             loss=outcome.loss,
             history=outcome.history,

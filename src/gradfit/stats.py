@@ -7,14 +7,46 @@ by the reduced χ² unless ``absolute_sigma``) and lmfit (AIC/BIC from χ²).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
 
 
-def covariance(J: Tensor, scale: Tensor | float = 1.0) -> Tensor:
+Array = Tensor | np.ndarray  # NumPy for one small fit on the CPU: a tenth of torch's per-op cost
+
+
+def _xp(a: Array) -> Any:
+    """The array namespace of ``a``: numpy or torch (both spell these operations alike)."""
+    return torch if isinstance(a, Tensor) else np
+
+
+def _finfo(a: Array) -> Any:
+    return torch.finfo(a.dtype) if isinstance(a, Tensor) else np.finfo(a.dtype)
+
+
+def _at_least(a: Array, low: float) -> Array:
+    return a.clamp_min(low) if isinstance(a, Tensor) else np.maximum(a, low)
+
+
+def _quiet(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """NumPy warns where torch silently gives inf or NaN (inf * 0, 1 / 0): same results."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_quiet
+def covariance(J: Array, scale: Array | float = 1.0) -> Array:
     """``scale · (JᵀJ)⁻¹`` via the SVD of ``J`` ``[..., N, P]``; inf where ``J`` is rank-deficient.
 
     Example:
@@ -22,55 +54,61 @@ def covariance(J: Tensor, scale: Tensor | float = 1.0) -> Tensor:
         >>> covariance(J).diagonal().round(decimals=12).tolist()  # (JᵀJ)⁻¹ of a line design
         [0.833333333333, 0.5]
     """
-    _, s, vh = torch.linalg.svd(J, full_matrices=False)  # s (..., P), vh (..., P, P)
-    eps = torch.finfo(J.dtype).eps * max(J.shape[-2:])
-    singular = (s <= eps * s[..., :1]).any(-1) | ~torch.isfinite(s).all(-1)
-    inv_s2 = torch.where(s > 0, 1 / (s * s).clamp_min(torch.finfo(J.dtype).tiny), torch.inf)
-    cov = (vh.transpose(-1, -2) * inv_s2.unsqueeze(-2)) @ vh  # V diag(1/s²) Vᵀ
-    if isinstance(scale, Tensor):
+    xp = _xp(J)
+    _, s, vh = xp.linalg.svd(J, full_matrices=False)  # s (..., P), vh (..., P, P)
+    eps = _finfo(J).eps * max(J.shape[-2:])
+    singular = (s <= eps * s[..., :1]).any(-1) | ~xp.isfinite(s).all(-1)
+    inv_s2 = xp.where(s > 0, 1 / _at_least(s * s, _finfo(J).tiny), xp.inf)
+    cov = (vh.mT * inv_s2[..., None, :]) @ vh  # V diag(1/s²) Vᵀ
+    if not isinstance(scale, float):
         scale = scale[..., None, None]
     cov = cov * scale
-    return torch.where(singular[..., None, None], torch.full_like(cov, math.inf), cov)
+    return xp.where(singular[..., None, None], xp.inf, cov)
 
 
-def stderr_from(cov: Tensor) -> Tensor:
+def stderr_from(cov: Array) -> Array:
     """Standard errors: the square roots of the covariance diagonal."""
-    return cov.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    return _at_least(_xp(cov).diagonal(cov, 0, -2, -1), 0) ** 0.5
 
 
-def correlation(cov: Tensor) -> Tensor:
+@_quiet
+def correlation(cov: Array) -> Array:
     """Correlation matrix from a covariance matrix (NaN where a variance is 0 or inf)."""
+    xp = _xp(cov)
     sd = stderr_from(cov)
-    outer = sd.unsqueeze(-1) * sd.unsqueeze(-2)
-    finite = torch.isfinite(outer) & (outer > 0)
-    return torch.where(finite, cov / torch.where(finite, outer, 1.0), torch.nan)
+    outer = sd[..., :, None] * sd[..., None, :]
+    finite = xp.isfinite(outer) & (outer > 0)
+    return xp.where(finite, cov / xp.where(finite, outer, 1.0), xp.nan)
 
 
+@_quiet
 def goodness(
-    y: Tensor, y_pred: Tensor, weighted_residuals: Tensor, n_params: int, mask: Tensor | None = None
-) -> dict[str, Tensor]:
+    y: Array, y_pred: Array, weighted_residuals: Array, n_params: int, mask: Array | None = None
+) -> dict[str, Array]:
     """χ², dof, reduced χ², R², AIC and BIC over the last dimension (points).
 
     ``weighted_residuals`` are ``(y_pred - y)/sigma`` (or unweighted without sigma).
     """
-    if mask is None:
-        mask = torch.ones_like(y, dtype=torch.bool)
-    zero = torch.zeros((), dtype=y.dtype, device=y.device)
-    n = mask.sum(-1).to(y.dtype)
-    chi2 = torch.where(mask, weighted_residuals**2, zero).sum(-1)
+    xp = _xp(y)
+
+    def masked_sum(values: Array) -> Array:
+        return (values if mask is None else xp.where(mask, values, 0.0)).sum(-1)
+
+    n = xp.zeros_like(y[..., 0]) + (y.shape[-1] if mask is None else mask.sum(-1))
+    chi2 = masked_sum(weighted_residuals**2)
     dof = n - n_params
-    y_mean = torch.where(mask, y, zero).sum(-1, keepdim=True) / n.unsqueeze(-1).clamp_min(1)
-    ss_tot = torch.where(mask, (y - y_mean) ** 2, zero).sum(-1)
-    ss_res = torch.where(mask, (y - y_pred) ** 2, zero).sum(-1)
-    log_term = n * torch.log(chi2.clamp_min(torch.finfo(y.dtype).tiny) / n.clamp_min(1))
+    y_mean = masked_sum(y)[..., None] / _at_least(n[..., None], 1)
+    ss_tot = masked_sum((y - y_mean) ** 2)
+    ss_res = masked_sum((y - y_pred) ** 2)
+    log_term = n * xp.log(_at_least(chi2, _finfo(y).tiny) / _at_least(n, 1))
     return {
         "n_points": n,
         "dof": dof,
         "chi2": chi2,
-        "reduced_chi2": torch.where(dof > 0, chi2 / dof.clamp_min(1), torch.nan),
-        "r2": torch.where(ss_tot > 0, 1 - ss_res / ss_tot.clamp_min(1e-300), torch.nan),
+        "reduced_chi2": xp.where(dof > 0, chi2 / _at_least(dof, 1), xp.nan),
+        "r2": xp.where(ss_tot > 0, 1 - ss_res / _at_least(ss_tot, 1e-300), xp.nan),
         "aic": log_term + 2 * n_params,
-        "bic": log_term + torch.log(n.clamp_min(1)) * n_params,
+        "bic": log_term + xp.log(_at_least(n, 1)) * n_params,
     }
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..loop import Hook, LoopOutcome, LoopState, Problem
+from . import lm_compiled
 from .lm import (
     DEFAULT_MAX_ITER,
     LMStatus,
@@ -87,13 +88,19 @@ def run_lm(
     """
     state = start if isinstance(start, LoopState) else LoopState(start.detach())
     loss = problem.loss
-    residuals, stacked = residual_functions(problem)
     robust = None if loss.name in ("mse", "sse", "chi2") else loss.rho
     # the kernel's cost is 0.5 Σ f_scale² rho; the user's loss is its mean or sum
     n_points = problem.y.shape[-1]
     to_loss = (2.0 if loss.reduction == "sum" else 2.0 / n_points) * (
         loss.f_scale**2 if robust is not None else 1.0
     )
+    options: dict[str, float | int] = {} if tol is None else {"ftol": tol}
+    options["max_iter"] = max(0, (max_iter or DEFAULT_MAX_ITER) - state.epoch)
+    theta0 = state.theta.detach().unsqueeze(0)
+    # a hook needs control after every iteration: only the PyTorch kernel gives it back
+    if hook is None and options["max_iter"] > 0 and lm_compiled.supports(problem, robust, theta0):
+        return _run_compiled(problem, state, theta0, to_loss, options)
+    residuals, stacked = residual_functions(problem)
     # the kernel reports costs, not parameters: score each point it evaluates instead
     loss_of_residuals = replace(loss, sigma=None)  # residuals arrive already divided by sigma
 
@@ -139,11 +146,9 @@ def run_lm(
             return True
         return False
 
-    options: dict[str, float | int] = {} if tol is None else {"ftol": tol}
-    options["max_iter"] = max(0, (max_iter or DEFAULT_MAX_ITER) - state.epoch)
     result = levenberg_marquardt(
         residuals,
-        state.theta.detach().unsqueeze(0),
+        theta0,
         **evaluation,
         robust=robust,
         f_scale=loss.f_scale,
@@ -154,16 +159,35 @@ def run_lm(
         state.best_theta = state.best_theta.clone()  # recorded inside the kernel's inference mode
         state.theta = state.best_theta
     code = int(result.status[0])
-    status = {
-        LMStatus.FTOL: "converged",
-        LMStatus.XTOL: "converged",
-        LMStatus.GTOL: "converged",
-        LMStatus.MAX_ITER: "max_epochs",
-        LMStatus.NON_FINITE: "diverged",
-        LMStatus.SINGULAR: "singular",
-    }.get(LMStatus(code), "max_epochs")
-    message = describe(code)
+    status, message = _STATUS.get(LMStatus(code), "max_epochs"), describe(code)
     if stopped:
         status, message = "interrupted", f"interrupted after iteration {stopped[0]}"
     final_loss = float(result.cost[0]) * to_loss
     return LoopOutcome(result.theta[0], final_loss, list(state.history), status, message)
+
+
+_STATUS = {
+    LMStatus.FTOL: "converged",
+    LMStatus.XTOL: "converged",
+    LMStatus.GTOL: "converged",
+    LMStatus.MAX_ITER: "max_epochs",
+    LMStatus.NON_FINITE: "diverged",
+    LMStatus.SINGULAR: "singular",
+}
+
+
+def _run_compiled(
+    problem: Problem, state: LoopState, theta0: Tensor, to_loss: float, options: dict[str, Any]
+) -> LoopOutcome:
+    """``run_lm`` on the compiled kernel (same algorithm; no per-iteration hook)."""
+    fitted = lm_compiled.fit_curves(problem, theta0, history=True, **options)
+    n_iter, code = int(fitted.n_iter[0]), int(fitted.status[0])
+    assert fitted.history is not None
+    state.history.extend((fitted.history[0, :n_iter] * to_loss).tolist())
+    state.epoch += n_iter
+    theta = torch.from_numpy(fitted.theta[0])
+    final_loss = float(fitted.cost[0]) * to_loss
+    if final_loss < state.best_loss:  # the kernel's theta is the best point it accepted
+        state.best_loss, state.best_theta, state.theta = final_loss, theta, theta
+    status = _STATUS.get(LMStatus(code), "max_epochs")
+    return LoopOutcome(theta, final_loss, list(state.history), status, describe(code))

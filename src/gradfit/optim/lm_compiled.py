@@ -16,6 +16,7 @@ damped system cannot be factorised is rejected without evaluating its (NaN) tria
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch
 
 from ..loop import Problem
 from ..models import Model
+from ..parameters import ParameterSpace
 from . import lm
 from .compiled_program import PER_CURVE, PER_POINT, SCALAR, Code, encode, run
 from .lm import LMStatus
@@ -68,19 +70,19 @@ def supports(problem: Problem, robust: object, theta: torch.Tensor) -> bool:
 
 @dataclass
 class CompiledFit:
-    """Per-curve outcome of :func:`fit_curves`, with the statistics at the solution."""
+    """Per-curve outcome of :func:`fit_curves` (NumPy arrays), with statistics at the solution."""
 
-    theta: torch.Tensor  # (K, F) as lm.LMResult
-    cost: torch.Tensor  # (K,)
-    n_iter: torch.Tensor  # (K,)
-    status: torch.Tensor  # (K,) LMStatus codes
+    theta: np.ndarray  # (K, F) as lm.LMResult
+    cost: np.ndarray  # (K,)
+    n_iter: np.ndarray  # (K,)
+    status: np.ndarray  # (K,) LMStatus codes
     n_eval: int
-    variance: torch.Tensor  # (K, F) diagonal of (JᵀJ)⁻¹ in the model's parameters; NaN: singular
-    chi2: torch.Tensor  # (K,) Σ r² of the weighted residuals
-    r2: torch.Tensor  # (K,) 1 - SS_res / SS_tot (NaN for a constant curve)
-    n_points: torch.Tensor  # (K,) valid points
-    rows: torch.Tensor | None  # (K, F + 1, N) the kernel's rows at theta, if asked for
-    history: torch.Tensor | None  # (K, max_iter) cost after each iteration, if asked for
+    variance: np.ndarray  # (K, F) diagonal of (JᵀJ)⁻¹ in the model's parameters; NaN: singular
+    chi2: np.ndarray  # (K,) Σ r² of the weighted residuals
+    r2: np.ndarray  # (K,) 1 - SS_res / SS_tot (NaN for a constant curve)
+    n_points: np.ndarray  # (K,) valid points
+    rows: np.ndarray | None  # (K, F + 1, N) the kernel's rows at theta, if asked for
+    history: np.ndarray | None  # (K, max_iter) cost after each iteration, if asked for
 
 
 def fit_curves(
@@ -104,21 +106,15 @@ def fit_curves(
     codes = _codes(problem.model)
     assert codes is not None, "check supports() first"
     value, full = codes
-    y = _array(problem.y)
-    K, N = y.shape
+    N = problem.y.shape[-1]
+    y = _array(problem.y).reshape(-1, N)
+    K = y.shape[0]
     x = _array(problem.x).reshape(-1, N)
     sigma = problem.loss.sigma
     sigma_a = _array(sigma).reshape(-1, N) if sigma is not None else np.ones((0, N))
     mask_a = mask.numpy().reshape(-1, N) if mask is not None else np.ones((0, N), dtype=bool)
-    space = problem.space
-    fixed = np.array([math.nan if v is None else v for v in space.fixed], dtype=np.float64)
-    free = np.array(space.free, dtype=np.int64)
-    kind = np.array([_kind(space.lower[i], space.upper[i]) for i in free], dtype=np.int64)
-    lo = np.array([space.lower[i] or 0.0 for i in free], dtype=np.float64)
-    hi = np.array([space.upper[i] or 0.0 for i in free], dtype=np.float64)
-    eps = float(np.finfo(np.float64).eps)
-    noise = lm._COST_NOISE * eps
-    tols = np.array([max(ftol, eps), max(ftol, noise), noise, max(xtol, eps), max(gtol, eps)])
+    fixed, free, kind, lo, hi = _space_arrays(problem.space)
+    tols = _tolerances(ftol, xtol, gtol)
     F = len(free)
     theta = np.array(theta0.detach().reshape(K, F).numpy(), dtype=np.float64)  # a copy
     cost, chi2, r2 = np.empty(K), np.empty(K), np.empty(K)
@@ -132,11 +128,37 @@ def fit_curves(
         x, y, sigma_a, mask_a, fixed, free, kind, lo, hi, tols, max_iter, geodesic,
         theta, cost, n_iter, status, variance, chi2, r2, n_points, rows_a, costs,
     )  # fmt: skip
-    t = torch.from_numpy
     return CompiledFit(
-        t(theta), t(cost), t(n_iter), t(status), n_eval, t(variance), t(chi2), t(r2),
-        t(n_points), t(rows_a) if rows else None, t(costs) if history else None,
+        theta, cost, n_iter, status, n_eval, variance, chi2, r2, n_points,
+        rows_a if rows else None, costs if history else None,
     )  # fmt: skip
+
+
+def _space_arrays(space: ParameterSpace) -> tuple[np.ndarray, ...]:
+    return _bound_arrays(space.fixed, space.lower, space.upper)
+
+
+@functools.lru_cache(maxsize=64)
+def _bound_arrays(
+    fixed_values: tuple[float | None, ...],
+    lower: tuple[float | None, ...],
+    upper: tuple[float | None, ...],
+) -> tuple[np.ndarray, ...]:
+    """Fixed values (NaN: free), free indices, transform kinds and bounds, for the kernel."""
+    fixed = np.array([math.nan if v is None else v for v in fixed_values], dtype=np.float64)
+    free = np.array([i for i, v in enumerate(fixed_values) if v is None], dtype=np.int64)
+    kind = np.array([_kind(lower[i], upper[i]) for i in free], dtype=np.int64)
+    lo = np.array([lower[i] or 0.0 for i in free], dtype=np.float64)
+    hi = np.array([upper[i] or 0.0 for i in free], dtype=np.float64)
+    return fixed, free, kind, lo, hi
+
+
+@functools.lru_cache(maxsize=64)
+def _tolerances(ftol: float, xtol: float, gtol: float) -> np.ndarray:
+    """As ``lm.levenberg_marquardt``: raised to eps; the actual reduction not below noise."""
+    eps = float(np.finfo(np.float64).eps)
+    noise = lm._COST_NOISE * eps
+    return np.array([max(ftol, eps), max(ftol, noise), noise, max(xtol, eps), max(gtol, eps)])
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
