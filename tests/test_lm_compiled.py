@@ -250,3 +250,41 @@ def test_a_single_curve_without_rows_or_history():
     )
     assert fitted.theta.shape == (1, 1) and math.isclose(float(fitted.theta[0, 0]), 1.0)
     assert fitted.rows is None and fitted.history is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"bounds": {"k": (0.0, 5.0), "a": (0.5, None)}},
+        {"fixed": {"c": 0.1}, "sigma": 0.05, "absolute_sigma": True},
+        {"epochs": 2},
+    ],
+)
+def test_fit_gives_the_torch_kernels_result(monkeypatch, options):
+    x = np.linspace(0, 4, 40)
+    y = noisy("a*exp(-k*x) + c", [2.0, 1.3, 0.1], torch.from_numpy(x), 1, 0.05, 5).numpy()[0]
+    compiled = gf.fit("a*exp(-k*x) + c", x, y, p0=[1.0, 0.5, 0.0], **options)
+    monkeypatch.setattr(lm_compiled, "ENABLED", False)
+    reference = gf.fit("a*exp(-k*x) + c", x, y, p0=[1.0, 0.5, 0.0], **options)
+    assert (compiled.status, compiled.message) == (reference.status, reference.message)
+    assert compiled.n_iter == reference.n_iter
+    np.testing.assert_allclose(compiled.history, reference.history, rtol=1e-9)
+    for name in ("a", "k", "c"):
+        assert compiled.params[name] == pytest.approx(reference.params[name], rel=1e-9)
+        if reference.stderr[name] is not None:
+            assert compiled.stderr[name] == pytest.approx(reference.stderr[name], rel=1e-7)
+    assert compiled.loss == pytest.approx(reference.loss, rel=1e-9)
+
+
+def test_without_numba_every_fit_takes_the_torch_kernel(monkeypatch):
+    from gradfit import batch
+    from gradfit.optim import least_squares
+
+    for module in (batch, least_squares):
+        monkeypatch.setattr(module, "compiled_lm", lambda: None)
+    monkeypatch.setattr(lm_compiled, "fit_curves", None)  # would fail if called
+    x = np.linspace(0, 1, 20)
+    assert gf.fit("a*x + b", x, 2 * x + 1).params["a"] == pytest.approx(2.0)
+    result = gf.fit_batch("a*x + b", x, np.stack([2 * x + 1, 3 - x]))
+    np.testing.assert_allclose(result.params.numpy(), [[2, 1], [-1, 3]], rtol=1e-9)

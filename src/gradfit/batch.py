@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,12 +29,15 @@ from .errors import DataError, OptionError, unknown_name
 from .loop import Problem
 from .losses import Loss, get_loss
 from .models import Model, as_model
-from .optim import FIRST_ORDER, OPTIMIZERS, check_epochs, learning_rate, lm_compiled
+from .optim import FIRST_ORDER, OPTIMIZERS, check_epochs, compiled_lm, learning_rate
 from .optim.least_squares import residual_functions, residual_subset
 from .optim.lm import autodiff_jacobian, levenberg_marquardt, stack_jacobian
 from .parameters import Bound, ParameterSpace
 from .result_stream import ResultStream
 from .small_linalg import MAX_P, cholesky, cholesky_inverse
+
+if TYPE_CHECKING:
+    from .optim.lm_compiled import CompiledFit
 
 Tensor = torch.Tensor
 # Bytes of working memory per chunk on the CPU: measured here, chunks of a few thousand curves
@@ -396,7 +399,8 @@ def _fit_chunk(
     robust = None if loss_fn.name in ("mse", "sse", "chi2") else loss_fn.rho
     kernel_mask = None if bool(mask.all()) else mask
     theta0 = space.to_theta(p_start)
-    if lm_compiled.supports(problem, robust, theta0):
+    lm_compiled = compiled_lm() if model.programs is not None else None  # for expressions
+    if lm_compiled is not None and lm_compiled.supports(problem, robust, theta0):
         fitted = lm_compiled.fit_curves(problem, theta0, kernel_mask, **options)
         return _compiled_result(problem, fitted, few, absolute_sigma)
     solved = levenberg_marquardt(
@@ -418,7 +422,7 @@ def _fit_chunk(
 
 
 def _compiled_result(
-    problem: Problem, fitted: lm_compiled.CompiledFit, few: Tensor, absolute_sigma: bool
+    problem: Problem, fitted: CompiledFit, few: Tensor, absolute_sigma: bool
 ) -> BatchResult:
     """A chunk's result from the compiled kernel, which computed the statistics itself."""
     space, t = problem.space, torch.from_numpy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 from .first_order import Adam, GradientDescent, Momentum
 
 FIRST_ORDER = {"gd": GradientDescent, "sgd": Momentum, "adam": Adam}
@@ -34,3 +36,13 @@ __all__ = [
     "DEFAULT_LR", "FIRST_ORDER", "OPTIMIZERS", "Adam", "GradientDescent", "Momentum",
     "check_epochs", "learning_rate",
 ]  # fmt: skip
+
+
+def compiled_lm() -> ModuleType | None:
+    """The compiled LM kernel's module, or None where Numba cannot be imported (every fit
+    then runs the PyTorch kernel). Imported on first use: Numba takes ~0.2 s to import."""
+    try:
+        from . import lm_compiled
+    except ImportError:
+        return None
+    return lm_compiled

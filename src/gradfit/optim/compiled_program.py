@@ -89,7 +89,7 @@ def encode(program: Program, independent: str, params: tuple[str, ...]) -> Code 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": {"reassoc", "contract"}}
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _int_power(u: float, n: int) -> float:
     """u**n by repeated squaring: exact for negative bases, as torch's integer power."""
     k = abs(n)
@@ -102,7 +102,7 @@ def _int_power(u: float, n: int) -> float:
     return 1.0 / result if n < 0 else result
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _unary(op: int, u: float, c: float) -> float:
     if op == POW_NUM:
         if c == 2.0:
@@ -145,7 +145,7 @@ def _unary(op: int, u: float, c: float) -> float:
     return 1.0 if u > 0 else (-1.0 if u < 0 else u)  # u: keeps 0 and NaN as they are
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _binary(op: int, u: float, v: float) -> float:
     if op == MUL:
         return u * v

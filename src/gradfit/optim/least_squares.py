@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from ..loop import Hook, LoopOutcome, LoopState, Problem
-from . import lm_compiled
+from . import compiled_lm
 from .lm import (
     DEFAULT_MAX_ITER,
     LMStatus,
@@ -98,8 +99,9 @@ def run_lm(
     options["max_iter"] = max(0, (max_iter or DEFAULT_MAX_ITER) - state.epoch)
     theta0 = state.theta.detach().unsqueeze(0)
     # a hook needs control after every iteration: only the PyTorch kernel gives it back
-    if hook is None and options["max_iter"] > 0 and lm_compiled.supports(problem, robust, theta0):
-        return _run_compiled(problem, state, theta0, to_loss, options)
+    lm_compiled = compiled_lm() if problem.model.programs is not None else None
+    if hook is None and lm_compiled is not None and lm_compiled.supports(problem, robust, theta0):
+        return _run_compiled(lm_compiled, problem, state, theta0, to_loss, options)
     residuals, stacked = residual_functions(problem)
     # the kernel reports costs, not parameters: score each point it evaluates instead
     loss_of_residuals = replace(loss, sigma=None)  # residuals arrive already divided by sigma
@@ -177,7 +179,12 @@ _STATUS = {
 
 
 def _run_compiled(
-    problem: Problem, state: LoopState, theta0: Tensor, to_loss: float, options: dict[str, Any]
+    lm_compiled: ModuleType,
+    problem: Problem,
+    state: LoopState,
+    theta0: Tensor,
+    to_loss: float,
+    options: dict[str, Any],
 ) -> LoopOutcome:
     """``run_lm`` on the compiled kernel (same algorithm; no per-iteration hook)."""
     fitted = lm_compiled.fit_curves(problem, theta0, history=True, **options)
