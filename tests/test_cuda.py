@@ -96,7 +96,9 @@ def test_fit_batch_adam_on_cuda_matches_cpu() -> None:
     gpu = gf.fit_batch("gaussian", x, y, device="cuda", **options)
     assert gpu.params.device.type == "cuda" and gpu.optimizer == "adam"
     assert gpu.status.cpu().tolist() == cpu.status.tolist()
-    torch.testing.assert_close(gpu.params.cpu(), cpu.params, rtol=1e-7, atol=1e-9)
+    # 300 Adam steps stop short of a fixed point: the devices' different summation orders
+    # stay visible (seen on an H200: one parameter in 800 off by 3e-6 relative, 1.2e-8 absolute)
+    torch.testing.assert_close(gpu.params.cpu(), cpu.params, rtol=1e-5, atol=1e-7)
 
 
 def test_fit_batch_float32_on_cuda() -> None:
