@@ -13,6 +13,7 @@ Run: .venv/bin/python benchmarks/bench_batch.py [--sizes 10000 100000 1000000]
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -136,20 +137,24 @@ def main() -> None:
                 dtype=dtype,
                 device=args.device,
             )  # warm-up
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            result = gf.fit_batch(
-                expression,
-                x,
-                y[:K],
-                p0=p0 if p0.ndim == 1 else p0[:K],
-                dtype=dtype,
-                device=args.device,
-            )
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
+            elapsed = math.inf
+            for _ in range(3):  # best of up to three: short runs on a shared VM are noisy
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                result = gf.fit_batch(
+                    expression,
+                    x,
+                    y[:K],
+                    p0=p0 if p0.ndim == 1 else p0[:K],
+                    dtype=dtype,
+                    device=args.device,
+                )
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                elapsed = min(elapsed, time.perf_counter() - start)
+                if elapsed > 1.0:
+                    break
             in_sample = sample[sample < K]
             ours = result.params[torch.as_tensor(in_sample)].cpu().double().numpy()
             theirs = scipy_tight[np.isin(sample, in_sample)]

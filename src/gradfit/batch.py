@@ -131,7 +131,9 @@ def fit_batch(
         if len(p0.shape) == 2 and p0.shape[0] != K:
             raise OptionError(f"p0 has {p0.shape[0]} rows for {K} curves; give [P] or [K, P]")
     space = ParameterSpace.build(model.param_names, bounds, fixed)
-    chunk = chunk_size or default_chunk_size(N, len(model.param_names), device, memory_budget)
+    chunk = chunk_size or _balanced(
+        default_chunk_size(N, len(model.param_names), device, memory_budget), K, device
+    )
     chunks = [(start, min(start + chunk, K)) for start in range(0, K, chunk)]
 
     def tensors(start: int, stop: int) -> dict[str, Tensor | None]:
@@ -320,6 +322,17 @@ def default_chunk_size(
     # the Jacobian rows and a dozen residual-sized temporaries dominate the working set
     per_curve = 8 * n_points * (3 * n_params + 12)
     return int(max(256, min(1 << 22, memory_budget // max(per_curve, 1))))
+
+
+def _balanced(chunk: int, K: int, device: Any) -> int:
+    """Chunks of at most ``chunk`` curves, as many as a multiple of the CPU threads that run
+    them side by side: 10,000 curves in chunks of 4,000 would leave one core idle for a
+    third of the time."""
+    workers = torch.get_num_threads()
+    if (device is not None and torch.device(device).type != "cpu") or workers < 2 or K < 512:
+        return chunk
+    rounds = -(-K // (chunk * workers))  # ceil
+    return -(-K // (rounds * workers))
 
 
 def _start(
