@@ -38,8 +38,7 @@ def run_compiled(code, x, params):
     S, n = len(code.op), len(x)
     scalars, points = np.empty(S), np.empty((S, n))
     for rate in (compiled_program.PER_CURVE, compiled_program.PER_POINT):
-        compiled_program.run(code.op, code.a, code.b, code.c, code.rate, rate, x, n, params,
-                             scalars, points)  # fmt: skip
+        compiled_program.run(code.arrays, rate, x, n, params, (scalars, points))
     rate_of = code.rate
     return [
         np.full(n, scalars[s]) if rate_of[s] == compiled_program.SCALAR else points[s].copy()

@@ -48,6 +48,11 @@ class Code:
     rate: np.ndarray  # int64 SCALAR, PER_CURVE or PER_POINT
     outputs: np.ndarray  # int64 slots of the program's roots
 
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """``(op, a, b, c, rate, outputs)``: the form the compiled functions take."""
+        return self.op, self.a, self.b, self.c, self.rate, self.outputs
+
 
 @functools.lru_cache(maxsize=512)  # programs are shared per expression (models._compile)
 def encode(program: Program, independent: str, params: tuple[str, ...]) -> Code | None:
@@ -86,10 +91,10 @@ def encode(program: Program, independent: str, params: tuple[str, ...]) -> Code 
     return Code(op, a, b, c, rate, np.asarray(program.outputs, dtype=np.int64))
 
 
-_JIT = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": {"reassoc", "contract"}}
+JIT = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": {"reassoc", "contract"}}
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _int_power(u: float, n: int) -> float:
     """u**n by repeated squaring: exact for negative bases, as torch's integer power."""
     k = abs(n)
@@ -102,7 +107,7 @@ def _int_power(u: float, n: int) -> float:
     return 1.0 / result if n < 0 else result
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _unary(op: int, u: float, c: float) -> float:
     if op == POW_NUM:
         if c == 2.0:
@@ -145,7 +150,7 @@ def _unary(op: int, u: float, c: float) -> float:
     return 1.0 if u > 0 else (-1.0 if u < 0 else u)  # u: keeps 0 and NaN as they are
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _binary(op: int, u: float, v: float) -> float:
     if op == MUL:
         return u * v
@@ -158,13 +163,15 @@ def _binary(op: int, u: float, v: float) -> float:
     return u**v
 
 
-@numba.njit(**_JIT)
-def run(code_op, code_a, code_b, code_c, code_rate, rate, x, n, params, scalars, points):
-    """Evaluate the steps of ``rate`` (PER_CURVE: with x; PER_POINT: with ``params`` too).
+@numba.njit(**JIT)
+def run(code, rate, x, n, params, regs):
+    """Evaluate ``code``'s steps of ``rate`` (PER_CURVE: with x; PER_POINT: with ``params``).
 
-    ``scalars`` (S,) and ``points`` (S, N) are the registers: per-curve steps stay in them
+    ``regs = (scalars (S,), points (S, N))`` are the registers: per-curve steps stay in them
     between evaluations. ``n`` of the N columns are used.
     """
+    code_op, code_a, code_b, code_c, code_rate = code[0], code[1], code[2], code[3], code[4]
+    scalars, points = regs
     for s in range(code_op.shape[0]):
         r = code_rate[s]
         op = code_op[s]
@@ -197,7 +204,7 @@ def run(code_op, code_a, code_b, code_c, code_rate, rate, x, n, params, scalars,
 
 
 # One loop per operation (not one branch per point): the loops vectorise.
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _binary_points(op, u, v, out, n):
     if op == MUL:
         for i in range(n):
@@ -216,7 +223,7 @@ def _binary_points(op, u, v, out, n):
             out[i] = u[i] ** v[i]
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _binary_scalar(op, u, w, out, n, swapped):
     """``u op w`` for a number w; ``w op u`` if ``swapped``."""
     if op == MUL:
@@ -242,7 +249,7 @@ def _binary_scalar(op, u, w, out, n, swapped):
             out[i] = _binary(op, w, u[i]) if swapped else _binary(op, u[i], w)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _unary_points(op, u, c, out, n):
     if op == POW_NUM and c == 2.0:
         for i in range(n):

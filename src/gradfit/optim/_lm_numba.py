@@ -1,0 +1,405 @@
+"""The compiled LM kernel itself: ``lm.py``'s iteration for one curve at a time, in Numba.
+
+Argument groups travel as tuples: ``code`` and ``regs`` (a program's arrays and registers,
+see ``compiled_program``), ``space`` (fixed values, free indices, bound kinds, bounds) and
+``curve`` (one curve's valid points ``xs, ys, sigma``, their count, whether sigma is given).
+Step names and order follow ``lm.py``; so do the constants, which are read from it.
+The per-curve functions are inlined into the loop over curves: called, they cost a
+reference count per array in each tuple, about 1 µs of a quadratic fit's 4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from . import lm
+from .compiled_program import JIT, PER_CURVE, PER_POINT, SCALAR, run
+from .lm import LMStatus
+
+_RUNNING, _FTOL, _XTOL, _GTOL, _MAX_ITER, _NON_FINITE, _SINGULAR = (
+    int(LMStatus.RUNNING), int(LMStatus.FTOL), int(LMStatus.XTOL), int(LMStatus.GTOL),
+    int(LMStatus.MAX_ITER), int(LMStatus.NON_FINITE), int(LMStatus.SINGULAR),
+)  # fmt: skip
+_LAMBDA0, _LAMBDA_MIN, _LAMBDA_MAX = lm._LAMBDA0, lm._LAMBDA_MIN, lm._LAMBDA_MAX
+_ACCEPT, _SCALE_DECAY, _H = lm._ACCEPT, lm._SCALE_DECAY, lm._GEODESIC_H
+_ALPHA, _NEAR_TRUST, _GOOD_GAIN = lm._GEODESIC_ALPHA, lm._NEAR_TRUST, lm._GOOD_GAIN
+NO_BOUND, BOTH, LOWER, UPPER = range(4)
+
+
+@numba.njit(**JIT)
+def fit_curves(value_code, full_code, data, space, tols, max_iter, geodesic, out, rows_out,
+               costs):  # fmt: skip
+    """Fit each curve k of ``data = (x, y, sigma, mask)`` and write row k of ``out = (theta
+    (holding the starts), cost, n_iter, status, variance, chi2, r2, n_points)``; ``rows_out``
+    and ``costs`` too when they have rows. Returns the number of evaluations."""
+    x, y, sigma, mask = data
+    fixed, free, kind, lo, hi = space
+    theta_out, cost_out, n_iter_out, status_out, variance_out, chi2_out, r2_out, n_out = out
+    K, N = y.shape
+    F = free.shape[0]
+    xs, ys, ss, where = np.empty(N), np.empty(N), np.empty(N), np.empty(N, dtype=np.int64)
+    value_regs = (np.empty(value_code[0].shape[0]), np.empty((value_code[0].shape[0], N)))
+    full_regs = (np.empty(full_code[0].shape[0]), np.empty((full_code[0].shape[0], N)))
+    params, chain, theta = np.empty(fixed.shape[0]), np.empty(F), np.empty(F)
+    vectors = np.empty((7, F))  # grad, new_grad and the iteration's F-vectors
+    matrices = np.empty((4, F, F))  # hess, new_hess, damped matrix, Cholesky factor
+    rows_pair = np.empty((2, F + 1, N))  # current and trial Jacobian rows [J; r]
+    u = np.empty(N)
+    no_bounds = (fixed, free, np.zeros(F, dtype=np.int64), lo, hi)
+    bounded = False
+    for j in range(F):
+        bounded |= kind[j] != NO_BOUND
+    n_eval = 0
+    for k in range(K):
+        n = _gather(k, x, y, sigma, mask, xs, ys, ss, where)
+        curve = (xs, ys, ss, n, sigma.shape[0] > 0)
+        theta[:] = theta_out[k]
+        _to_params(theta, space, params, chain)
+        run(value_code, PER_CURVE, xs, n, params, value_regs)
+        run(full_code, PER_CURVE, xs, n, params, full_regs)
+        status, it, cost2, evals, rows, hess = _fit_one(
+            value_code, full_code, value_regs, full_regs, curve, space, tols, max_iter,
+            geodesic, theta, params, chain, vectors, matrices, rows_pair, u, costs, k,
+        )  # fmt: skip
+        n_eval += evals
+        theta_out[k] = theta
+        cost_out[k], n_iter_out[k], n_out[k] = 0.5 * cost2, it, n
+        status_out[k] = _MAX_ITER if status == _RUNNING else status
+        if rows_out.shape[0] > 0:
+            for j in range(F + 1):
+                for i in range(n):
+                    rows_out[k, j, where[i]] = rows[j, i]
+        if bounded:  # statistics need derivatives in the model's own parameters
+            _to_params(theta, space, params, chain)
+            plain = vectors[2]
+            for j in range(F):
+                plain[j] = params[free[j]]
+            _point(full_code, full_regs, curve, plain, no_bounds, params, chain, rows, hess,
+                   vectors[1])  # fmt: skip
+        _statistics(rows, hess, curve, matrices[3], matrices[2], k, variance_out, chi2_out,
+                    r2_out)  # fmt: skip
+    return n_eval
+
+
+@numba.njit(inline="always", **JIT)
+def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, tols, max_iter,
+             geodesic, theta, params, chain, vectors, matrices, rows_pair, u, costs,
+             k):  # fmt: skip
+    """LM from ``theta`` (updated in place) for one curve; returns (status, iterations,
+    2·cost, evaluations, rows at theta, JᵀJ at theta)."""
+    tol_f, tol_fa, tol_noise, tol_x, tol_g = tols[0], tols[1], tols[2], tols[3], tols[4]
+    grad, new_grad, trial, v, s, jtu, scale = (vectors[0], vectors[1], vectors[2], vectors[3],
+                                               vectors[4], vectors[5], vectors[6])  # fmt: skip
+    hess, new_hess, A, L = matrices[0], matrices[1], matrices[2], matrices[3]
+    rows, new_rows = rows_pair[0], rows_pair[1]
+    F = theta.shape[0]
+    # -- the starting point (lm._State.start)
+    cost2 = _point(full_code, full_regs, curve, theta, space, params, chain, rows, hess, grad)
+    evals = 1
+    status = _GTOL if _gtol_hit(grad, hess, cost2, tol_g) else _RUNNING
+    for j in range(F):
+        scale[j] = hess[j, j]
+        if hess[j, j] == 0:
+            status = _SINGULAR
+    if not math.isfinite(cost2):
+        status = _NON_FINITE
+    lam, nu = _LAMBDA0, 2.0
+    it = 0
+    while status == _RUNNING and it < max_iter:  # -- lm._iterate
+        factored, dv2, dx2, pred2 = _velocity(hess, grad, scale, lam, theta, A, L, v)
+        accepted = f_hit = x_hit = False
+        rho = new_cost2 = math.nan
+        if factored:  # a failed factorisation rejects the step without evaluating it
+            noise = tol_noise * cost2
+            tiny = pred2 <= noise
+            excess = 0.0
+            if geodesic:
+                excess = _acceleration(value_code, value_regs, curve, space, theta, v, rows, L,
+                                       scale, dv2, params, chain, trial, u, jtu, s)  # fmt: skip
+                evals += 1
+            trusted = excess <= 1
+            for j in range(F):
+                trial[j] = theta[j] + (v[j] - s[j] / (_H * _H) if geodesic and trusted else v[j])
+            new_cost2 = _point(full_code, full_regs, curve, trial, space, params, chain,
+                               new_rows, new_hess, new_grad)  # fmt: skip
+            evals += 1
+            actred2 = cost2 - new_cost2
+            rho = actred2 / pred2  # gain ratio
+            ok = not geodesic or trusted or tiny or (excess <= _NEAR_TRUST and rho > _GOOD_GAIN)
+            accepted = ok and (rho > _ACCEPT or (tiny and abs(actred2) <= noise))
+            f_hit = pred2 <= tol_f * cost2 and abs(actred2) <= tol_fa * cost2
+            x_hit = dv2 <= tol_x * tol_x * dx2
+        # Nielsen's damping update
+        if accepted:
+            shrink = 1 - (2 * rho - 1) ** 3
+            lam *= 1 / 3 if shrink < 1 / 3 else (2.0 if shrink > 2 else shrink)
+            nu = 2.0
+        else:
+            lam *= nu
+            nu *= 2
+        if lam < _LAMBDA_MIN:
+            lam = _LAMBDA_MIN
+        if accepted:  # take the trial point's buffers (a swap, not a copy)
+            rows, new_rows = new_rows, rows
+            hess, new_hess = new_hess, hess
+            grad, new_grad = new_grad, grad
+            cost2 = new_cost2
+            for j in range(F):
+                theta[j] = trial[j]
+                scale[j] = max(scale[j] * _SCALE_DECAY, hess[j, j])
+        status = _GTOL if _gtol_hit(grad, hess, cost2, tol_g) else _RUNNING
+        if x_hit:
+            status = _XTOL
+        if f_hit:
+            status = _FTOL
+        if not factored and lam > _LAMBDA_MAX:
+            status = _SINGULAR
+        if costs.shape[0] > 0:
+            costs[k, it] = 0.5 * cost2
+        it += 1
+    return status, it, cost2, evals, rows, hess
+
+
+@numba.njit(inline="always", **JIT)
+def _velocity(hess, grad, scale, lam, theta, A, L, v):
+    """v = -(JᵀJ + λD²)⁻¹ Jᵀr; returns (factored, |Dv|², |Dθ|², twice the predicted
+    reduction λ|Dv|² - gᵀv)."""
+    F = theta.shape[0]
+    for a in range(F):
+        for b in range(F):
+            A[a, b] = hess[a, b]
+        A[a, a] += lam * scale[a]
+    if not _cholesky(A, L):
+        return False, math.nan, math.nan, math.nan
+    _cholesky_solve(L, grad, v)
+    dv2 = dx2 = gv = 0.0
+    for j in range(F):
+        v[j] = -v[j]
+        dv2 += scale[j] * v[j] * v[j]
+        dx2 += scale[j] * theta[j] * theta[j]
+        gv += grad[j] * v[j]
+    return True, dv2, dx2, lam * dv2 - gv
+
+
+@numba.njit(inline="always", **JIT)
+def _acceleration(value_code, value_regs, curve, space, theta, v, rows, L, scale, dv2, params,
+                  chain, trial, u, jtu, s):  # fmt: skip
+    """Transtrum–Sethna (lm._geodesic): s = (JᵀJ + λD²)⁻¹ Jᵀu with u = r(θ + hv) - r(θ) - hJv;
+    the acceleration is -2s/h². Returns the excess (2|Da| / α|Dv|)², trusted when <= 1."""
+    F, n = theta.shape[0], curve[3]
+    for j in range(F):
+        trial[j] = theta[j] + _H * v[j]
+    _residuals(value_code, value_regs, curve, trial, space, params, chain, u)
+    _axpy(u, rows[F], -1.0, n)
+    for j in range(F):
+        _axpy(u, rows[j], -_H * v[j], n)
+    for j in range(F):
+        jtu[j] = _dot(u, rows[j], n)
+    _cholesky_solve(L, jtu, s)
+    ds2 = 0.0
+    for j in range(F):
+        ds2 += scale[j] * s[j] * s[j]
+    return ds2 / ((_ALPHA * _H * _H / 4) ** 2 * dv2)
+
+
+@numba.njit(**JIT)
+def _gather(k, x, y, sigma, mask, xs, ys, ss, where):
+    """Curve k's valid points, in order, into xs, ys, ss (positions in ``where``); their count."""
+    N = y.shape[1]
+    xk = x[k if x.shape[0] > 1 else 0]
+    n = 0
+    for i in range(N):
+        if mask.shape[0] == 0 or mask[k if mask.shape[0] > 1 else 0, i]:
+            xs[n], ys[n], where[n] = xk[i], y[k, i], i
+            ss[n] = sigma[k if sigma.shape[0] > 1 else 0, i] if sigma.shape[0] > 0 else 1.0
+            n += 1
+    return n
+
+
+@numba.njit(inline="always", **JIT)
+def _to_params(theta, space, params, chain):
+    """MINUIT's bound transforms (``ParameterSpace.to_params``) and their derivatives."""
+    fixed, free, kind, lo, hi = space
+    for i in range(fixed.shape[0]):
+        params[i] = fixed[i]
+    for j in range(free.shape[0]):
+        t, k = theta[j], kind[j]
+        if k == NO_BOUND:
+            params[free[j]], chain[j] = t, 1.0
+        elif k == BOTH:
+            params[free[j]] = lo[j] + (hi[j] - lo[j]) * (math.sin(t) + 1) / 2
+            chain[j] = (hi[j] - lo[j]) / 2 * math.cos(t)
+        else:
+            root = math.sqrt(t * t + 1)
+            if k == LOWER:
+                params[free[j]], chain[j] = lo[j] - 1 + root, t / root
+            else:
+                params[free[j]], chain[j] = hi[j] + 1 - root, -t / root
+
+
+@numba.njit(inline="always", **JIT)
+def _point(code, regs, curve, theta, space, params, chain, rows, hess, grad):
+    """Rows [J; r] at theta (∂r/∂θ_j through the bound transforms, all divided by sigma),
+    then JᵀJ and Jᵀr; returns rᵀr (NaN where the Jacobian is not finite)."""
+    xs, _, ss, n, has_sigma = curve
+    free = space[1]
+    _to_params(theta, space, params, chain)
+    run(code, PER_POINT, xs, n, params, regs)
+    scalars, points = regs
+    rate, outputs = code[4], code[5]
+    F = free.shape[0]
+    for j in range(F):
+        slot, ch, row = outputs[1 + free[j]], chain[j], rows[j]
+        if rate[slot] == SCALAR:
+            value = scalars[slot] * ch
+            for i in range(n):
+                row[i] = value
+        else:
+            column = points[slot]
+            for i in range(n):
+                row[i] = column[i] * ch
+        if has_sigma:
+            _divide(row, ss, n)
+    _residual_row(code, regs, curve, rows[F])
+    return _gram(rows, n, hess, grad)
+
+
+@numba.njit(inline="always", **JIT)
+def _residuals(code, regs, curve, theta, space, params, chain, out):
+    _to_params(theta, space, params, chain)
+    run(code, PER_POINT, curve[0], curve[3], params, regs)
+    _residual_row(code, regs, curve, out)
+
+
+@numba.njit(inline="always", **JIT)
+def _residual_row(code, regs, curve, out):
+    """(f - y) / sigma from the program's value root."""
+    _, ys, ss, n, has_sigma = curve
+    scalars, points = regs
+    slot = code[5][0]
+    if code[4][slot] == SCALAR:
+        value = scalars[slot]
+        for i in range(n):
+            out[i] = value - ys[i]
+    else:
+        column = points[slot]
+        for i in range(n):
+            out[i] = column[i] - ys[i]
+    if has_sigma:
+        _divide(out, ss, n)
+
+
+@numba.njit(**JIT)
+def _gram(rows, n, hess, grad):
+    """JᵀJ and Jᵀr from the rows [J; r]; returns rᵀr, NaN where JᵀJ is not finite."""
+    F = hess.shape[0]
+    diagonal = 0.0
+    for a in range(F):
+        for b in range(a, F):
+            hess[a, b] = hess[b, a] = _dot(rows[a], rows[b], n)
+        grad[a] = _dot(rows[a], rows[F], n)
+        diagonal += hess[a, a]
+    return _dot(rows[F], rows[F], n) + 0.0 * diagonal  # inf * 0 and NaN * 0 are NaN
+
+
+@numba.njit(**JIT)
+def _gtol_hit(grad, hess, cost2, gtol):
+    """MINPACK's max_j |g_j| / (|J_j| |r|) <= gtol, squared; zero columns and exact fits pass."""
+    for j in range(grad.shape[0]):  # noqa: SIM110 - Numba compiles loops, not all(generator)
+        if not grad[j] * grad[j] <= gtol * gtol * cost2 * hess[j, j]:
+            return False
+    return True
+
+
+@numba.njit(**JIT)
+def _statistics(rows, hess, curve, L, W, k, variance_out, chi2_out, r2_out):
+    """χ², R² and the diagonal of (JᵀJ)⁻¹ (as ``batch._curve_statistics``) into row k."""
+    _, ys, ss, n, has_sigma = curve
+    F = hess.shape[0]
+    r = rows[F]
+    chi2 = _dot(r, r, n)
+    if _cholesky(hess, L):
+        # W = L⁻¹ (lower triangular); (JᵀJ)⁻¹ = WᵀW, whose diagonal is Σ_i W[i, j]²
+        for j in range(F):
+            W[j, j] = 1 / L[j, j]
+            for i in range(j + 1, F):
+                acc = 0.0
+                for m in range(j, i):
+                    acc += L[i, m] * W[m, j]
+                W[i, j] = -acc / L[i, i]
+        for j in range(F):
+            acc = 0.0
+            for i in range(j, F):
+                acc += W[i, j] * W[i, j]
+            variance_out[k, j] = acc if acc > 0 else math.nan
+    else:
+        variance_out[k, :] = math.nan
+    mean = 0.0
+    for i in range(n):
+        mean += ys[i]
+    mean /= max(n, 1)
+    ss_tot = ss_res = 0.0
+    for i in range(n):
+        ss_tot += (ys[i] - mean) ** 2
+        ss_res += (r[i] * ss[i]) ** 2 if has_sigma else r[i] * r[i]  # (y - f)²
+    chi2_out[k] = chi2
+    r2_out[k] = 1 - ss_res / ss_tot if ss_tot > 0 else math.nan
+
+
+# -- small dense linear algebra and vector loops (vectorised by LLVM)
+
+
+@numba.njit(**JIT)
+def _cholesky(A, L):
+    """Lower factor of the SPD ``A`` into ``L``; False where A is not positive definite."""
+    F = A.shape[0]
+    for i in range(F):
+        for j in range(i + 1):
+            s = A[i, j]
+            for k in range(j):
+                s -= L[i, k] * L[j, k]
+            if i == j:
+                if not s > 0:
+                    return False
+                L[i, i] = math.sqrt(s)
+            else:
+                L[i, j] = s / L[j, j]
+    return True
+
+
+@numba.njit(**JIT)
+def _cholesky_solve(L, b, out):
+    F = L.shape[0]
+    for i in range(F):
+        s = b[i]
+        for k in range(i):
+            s -= L[i, k] * out[k]
+        out[i] = s / L[i, i]
+    for i in range(F - 1, -1, -1):
+        s = out[i]
+        for k in range(i + 1, F):
+            s -= L[k, i] * out[k]
+        out[i] = s / L[i, i]
+
+
+@numba.njit(**JIT)
+def _dot(u, w, n):
+    s = 0.0
+    for i in range(n):
+        s += u[i] * w[i]
+    return s
+
+
+@numba.njit(**JIT)
+def _axpy(u, row, w, n):
+    for i in range(n):
+        u[i] += w * row[i]
+
+
+@numba.njit(**JIT)
+def _divide(row, ss, n):
+    for i in range(n):
+        row[i] /= ss[i]
