@@ -243,18 +243,23 @@ def _result(
     space, model = problem.space, problem.model
     theta = outcome.theta.detach()
     params = space.to_params(theta.unsqueeze(0))[0]
-    free = space.free
-    y_pred, J = _prediction_and_jacobian(model, problem.x, params)
+    free, P = space.free, len(space.names)
     y, sigma = problem.y, problem.loss.sigma
-    if y.device.type == "cpu":  # one fit's small arrays: NumPy's per-operation cost is far lower
-        y_pred, J, y = y_pred.numpy(), J.numpy(), y.numpy()
-        sigma = None if sigma is None else sigma.numpy()
-    residuals = y_pred - y if sigma is None else (y_pred - y) / sigma
+    cpu = y.device.type == "cpu"  # one fit's small arrays: NumPy's per-operation cost is lower
+    if cpu:
+        y, sigma = y.numpy(), None if sigma is None else sigma.numpy()
+    if outcome.rows is not None:  # the solver's [J; r] at theta, already divided by sigma
+        J_free, residuals = outcome.rows[:-1].T, outcome.rows[-1]
+        y_pred = y + (residuals if sigma is None else residuals * sigma)
+    else:
+        y_pred, J = _prediction_and_jacobian(model, problem.x, params)
+        if cpu:
+            y_pred, J = y_pred.numpy(), J.numpy()
+        residuals = y_pred - y if sigma is None else (y_pred - y) / sigma
+        J_free = J if len(free) == P else J[..., free]
+        if sigma is not None:
+            J_free = J_free / sigma[..., None]
     fit_stats = stats.goodness(y, y_pred, residuals, len(free))
-    P = len(space.names)
-    J_free = J if len(free) == P else J[..., free]
-    if sigma is not None:
-        J_free = J_free / sigma[..., None]
     scale = 1.0 if absolute_sigma else fit_stats["reduced_chi2"]  # as curve_fit: sigma=1 if unset
     if not math.isfinite(float(scale)):
         scale = math.inf

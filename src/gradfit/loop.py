@@ -66,6 +66,9 @@ class LoopOutcome:
     history: list[float] = field(default_factory=list)
     status: str = "max_epochs"  # converged | max_epochs | diverged | interrupted
     message: str = ""
+    # [J; r] (P_free + 1, N) at theta, divided by sigma, J in the model's own parameters, when
+    # the solver has them (compiled LM): the statistics then need no new evaluation
+    rows: Any = None
 
     @property
     def converged(self) -> bool:

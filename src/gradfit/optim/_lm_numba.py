@@ -34,7 +34,8 @@ def fit_curves(value_code, full_code, data, space, tols, max_iter, geodesic, out
                costs):  # fmt: skip
     """Fit each curve k of ``data = (x, y, sigma, mask)`` and write row k of ``out = (theta
     (holding the starts), cost, n_iter, status, variance, chi2, r2, n_points)``; ``rows_out``
-    and ``costs`` too when they have rows. Returns the number of evaluations."""
+    (the weighted rows [J; r] at the solution, J in the model's own free parameters) and
+    ``costs`` too when they have rows. Returns the number of evaluations."""
     x, y, sigma, mask = data
     fixed, free, kind, lo, hi = space
     theta_out, cost_out, n_iter_out, status_out, variance_out, chi2_out, r2_out, n_out = out
@@ -68,10 +69,6 @@ def fit_curves(value_code, full_code, data, space, tols, max_iter, geodesic, out
         theta_out[k] = theta
         cost_out[k], n_iter_out[k], n_out[k] = 0.5 * cost2, it, n
         status_out[k] = _MAX_ITER if status == _RUNNING else status
-        if rows_out.shape[0] > 0:
-            for j in range(F + 1):
-                for i in range(n):
-                    rows_out[k, j, where[i]] = rows[j, i]
         if bounded:  # statistics need derivatives in the model's own parameters
             _to_params(theta, space, params, chain)
             plain = vectors[2]
@@ -81,6 +78,10 @@ def fit_curves(value_code, full_code, data, space, tols, max_iter, geodesic, out
                    vectors[1])  # fmt: skip
         _statistics(rows, hess, curve, matrices[3], matrices[2], k, variance_out, chi2_out,
                     r2_out)  # fmt: skip
+        if rows_out.shape[0] > 0:
+            for j in range(F + 1):
+                for i in range(n):
+                    rows_out[k, j, where[i]] = rows[j, i]
     return n_eval
 
 

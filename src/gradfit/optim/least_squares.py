@@ -187,7 +187,7 @@ def _run_compiled(
     options: dict[str, Any],
 ) -> LoopOutcome:
     """``run_lm`` on the compiled kernel (same algorithm; no per-iteration hook)."""
-    fitted = lm_compiled.fit_curves(problem, theta0, history=True, **options)
+    fitted = lm_compiled.fit_curves(problem, theta0, rows=True, history=True, **options)
     n_iter, code = int(fitted.n_iter[0]), int(fitted.status[0])
     assert fitted.history is not None
     state.history.extend((fitted.history[0, :n_iter] * to_loss).tolist())
@@ -197,4 +197,7 @@ def _run_compiled(
     if final_loss < state.best_loss:  # the kernel's theta is the best point it accepted
         state.best_loss, state.best_theta, state.theta = final_loss, theta, theta
     status = _STATUS.get(LMStatus(code), "max_epochs")
-    return LoopOutcome(theta, final_loss, list(state.history), status, describe(code))
+    assert fitted.rows is not None
+    return LoopOutcome(
+        theta, final_loss, list(state.history), status, describe(code), rows=fitted.rows[0]
+    )

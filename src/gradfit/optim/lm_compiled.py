@@ -71,7 +71,9 @@ class CompiledFit:
     chi2: np.ndarray  # (K,) Σ r² of the weighted residuals
     r2: np.ndarray  # (K,) 1 - SS_res / SS_tot (NaN for a constant curve)
     n_points: np.ndarray  # (K,) valid points
-    rows: np.ndarray | None  # (K, F + 1, N) the kernel's rows at theta, if asked for
+    # (K, F + 1, N) if asked for: [J; r] at theta, divided by sigma, J with respect to the
+    # model's own free parameters (with bounds, not the kernel's transformed ones)
+    rows: np.ndarray | None
     history: np.ndarray | None  # (K, max_iter) cost after each iteration, if asked for
 
 
@@ -102,7 +104,9 @@ def fit_curves(
     x = _array(problem.x).reshape(-1, N)
     sigma = problem.loss.sigma
     sigma_a = _array(sigma).reshape(-1, N) if sigma is not None else np.ones((0, N))
-    mask_a = mask.numpy().reshape(-1, N) if mask is not None else np.ones((0, N), dtype=bool)
+    mask_a = np.ones((0, N), dtype=bool)  # (0, N): every point valid
+    if mask is not None:  # contiguous: a strided array would compile another specialisation
+        mask_a = np.ascontiguousarray(mask.numpy()).reshape(-1, N)
     space = _space_arrays(problem.space)
     tols = _tolerances(ftol, xtol, gtol)
     F = len(space[1])
