@@ -265,9 +265,10 @@ def _result(
         scale = math.inf
     cov_free = stats.covariance(J_free, scale)
     cov = torch.as_tensor(cov_free, device=params.device)
-    if len(free) < P:
-        cov = torch.zeros(P, P, dtype=params.dtype, device=params.device)
-        cov[[[i] for i in free], free] = torch.as_tensor(cov_free, device=params.device)
+    if len(free) < P:  # fixed parameters: zero rows and columns
+        full = torch.zeros(P, P, dtype=params.dtype, device=params.device)
+        full[[[i] for i in free], free] = cov
+        cov = full
     return FitResult.build(
         model=model,
         problem=problem,

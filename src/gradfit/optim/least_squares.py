@@ -98,9 +98,15 @@ def run_lm(
     options: dict[str, float | int] = {} if tol is None else {"ftol": tol}
     options["max_iter"] = max(0, (max_iter or DEFAULT_MAX_ITER) - state.epoch)
     theta0 = state.theta.detach().unsqueeze(0)
-    # a hook needs control after every iteration: only the PyTorch kernel gives it back
+    # a hook needs control after every iteration: only the PyTorch kernel gives it back; the
+    # compiled one keeps its history in an array of max_iter costs
     lm_compiled = compiled_lm() if problem.model.programs is not None else None
-    if hook is None and lm_compiled is not None and lm_compiled.supports(problem, robust, theta0):
+    if (
+        hook is None
+        and options["max_iter"] <= _COMPILED_MAX_ITER
+        and lm_compiled is not None
+        and lm_compiled.supports(problem, robust, theta0)
+    ):
         return _run_compiled(lm_compiled, problem, state, theta0, to_loss, options)
     residuals, stacked = residual_functions(problem)
     # the kernel reports costs, not parameters: score each point it evaluates instead
@@ -168,6 +174,7 @@ def run_lm(
     return LoopOutcome(result.theta[0], final_loss, list(state.history), status, message)
 
 
+_COMPILED_MAX_ITER = 1_000_000  # its history buffer: 8 MB
 _STATUS = {
     LMStatus.FTOL: "converged",
     LMStatus.XTOL: "converged",
