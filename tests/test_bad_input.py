@@ -137,6 +137,8 @@ CLI_CASES = [
     ("built-in with two x columns", good, ["--model", "gaussian", "--x", "t,err"],
      ["'gaussian'", "one x column"]),
     ("lr <= 0", good, ["--optimizer", "adam", "--lr", "-1"], ["lr must be > 0", "-1"]),
+    ("model not in the x column's name", good, ["--model", "a*exp(-k*x) + c"],
+     ["does not use the independent variable 't'", "write it in t"]),
     ("resume from a missing checkpoint", good, ["--resume", "gone.pt"],
      ["gone.pt", "no such checkpoint"]),
 ]  # fmt: skip
@@ -285,6 +287,10 @@ LIBRARY_CASES = [
      ["epochs must be >= 1", "got 0"]),
     ("batch epochs", lambda x, y: gf.fit_batch("a*x", x, torch.stack([y, y]), epochs=-2),
      gf.OptionError, ["epochs must be >= 1", "got -2"]),
+    ("no independent variable", lambda x, y: gf.fit(gf.Model("a*x + b", independent="t"), x, y),
+     gf.ModelError, ["a*x + b does not use the independent variable 't'"]),
+    ("batch without it", lambda x, y: gf.fit_batch("a*t + b", x, torch.stack([y, y])),
+     gf.ModelError, ["does not use the independent variable 'x'", "write it in x"]),
 ]  # fmt: skip
 
 

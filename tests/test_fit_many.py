@@ -158,3 +158,14 @@ def test_first_order_optimizers_from_the_command_line(tmp_path):
     assert "quantiles over converged or max_iter curves" in result.output
     refused = invoke("fit-many", data, *args, "--optimizer", "lbfgs", "--out", tmp_path / "x.csv")
     assert refused.exit_code == 2 and "does not batch lbfgs" in refused.output
+
+
+def test_a_model_refused_by_fit_batch_leaves_no_parts_folder(tmp_path):
+    data = tmp_path / "long.parquet"
+    pq.write_table(long_table([1, 2, 3]), data)
+    out = tmp_path / "p.parquet"
+    args = ["fit-many", data, "--group", "key", "--x", "t", "--y", "counts", "--out", out]
+    result = invoke(*args, "--model", "a*exp(-k*x)+c")  # written in x, the data's x is t
+    assert result.exit_code == 2
+    assert "does not use the independent variable 't'" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.parquet"]

@@ -28,7 +28,7 @@ from .batch_result import TOO_FEW_POINTS, BatchResult, concat
 from .errors import DataError, OptionError, unknown_name
 from .loop import Problem
 from .losses import Loss, get_loss
-from .models import Model, as_model
+from .models import Model, as_model, check_uses_independent
 from .optim import FIRST_ORDER, OPTIMIZERS, check_epochs, compiled_lm, learning_rate
 from .optim.least_squares import residual_functions, residual_subset
 from .optim.lm import autodiff_jacobian, levenberg_marquardt, stack_jacobian
@@ -124,6 +124,7 @@ def fit_batch(
     # so the working memory is a chunk's, however many curves there are.
     x, y, sigma, mask = (_as_array(v) for v in (x, y, sigma, mask))
     K, N = _check_shapes(x, y, sigma, mask)
+    check_uses_independent(model)
     if device is None and isinstance(y, Tensor):
         device = y.device  # tensors given on a device are fitted there
     if p0 is not None and not isinstance(p0, Mapping):

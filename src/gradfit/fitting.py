@@ -18,7 +18,7 @@ from .errors import ModelError, OptionError, unknown_name
 from .files import check_parent
 from .loop import Hook, LoopOutcome, LoopState, Problem, chain_hooks, run_lbfgs, run_loop
 from .losses import Loss, get_loss
-from .models import BUILTINS, Model, as_model, get_builtin
+from .models import BUILTINS, Model, as_model, check_uses_independent, get_builtin
 from .optim import FIRST_ORDER, OPTIMIZERS, check_epochs, learning_rate
 from .parameters import Bound, ParameterSpace
 from .progress import progress_bar
@@ -99,6 +99,7 @@ def fit(
         dtype=dtype,
         device=device,
     )
+    check_uses_independent(model)
     loss_fn = get_loss(loss)
     if loss_fn.name == "chi2" and data.sigma is None:
         raise OptionError("loss 'chi2' needs sigma (per-point standard deviations)")

@@ -154,11 +154,16 @@ def run_fit_many(
     )
     parts = _PartStore(out, resume=resume, chunk_size=chunk_size, n_curves=len(keys))
     stopped = stop or (lambda: False)
-    fit_batch(
-        model, packed["x"], packed["y"], sigma=packed.get("sigma"), chunk_size=parts.chunk_size,
-        on_chunk=lambda start, chunk: parts.write(start, chunk, keys, group or "curve"),
-        skip_chunk=lambda start, stop: parts.done(start, stop) or stopped(), **options,
-    )  # fmt: skip
+    try:
+        fit_batch(
+            model, packed["x"], packed["y"], sigma=packed.get("sigma"),
+            chunk_size=parts.chunk_size,
+            on_chunk=lambda start, chunk: parts.write(start, chunk, keys, group or "curve"),
+            skip_chunk=lambda start, stop: parts.done(start, stop) or stopped(), **options,
+        )  # fmt: skip
+    except Exception:
+        parts.clean_if_empty()  # refused before any chunk was fitted: leave nothing behind
+        raise
     if stopped():
         return None
     # the table is re-read from the parts, so fresh and resumed runs write the same thing
@@ -214,6 +219,10 @@ class _PartStore:
 
     def clean(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def clean_if_empty(self) -> None:
+        if not any(self.folder.glob("part-*.parquet")):
+            self.clean()
 
 
 def _from_table(table: Any, key_name: str) -> BatchResult:

@@ -254,6 +254,26 @@ def _compile(
     )
 
 
+def check_uses_independent(model: Model) -> None:
+    """Refuse an expression without its independent variable: a misspelt or renamed variable
+    (``a*x + b`` for data in ``t``) would silently make a constant model with a parameter x.
+
+    Example:
+        >>> check_uses_independent(Model("a*x + b", independent="t"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        gradfit.errors.ModelError: the model a*x + b does not use the independent variable 't'; ...
+    """
+    if model.expression is None or set(model.independent) & set(model.expression.names):
+        return
+    wanted = " or ".join(repr(v) for v in model.independent)
+    var = model.independent[0]
+    raise ModelError(
+        f"the model {model.formula} does not use the independent variable {wanted}; "
+        f"write it in {var} (a constant as 'c + 0*{var}')"
+    )
+
+
 def as_model(model: Model | str | Callable[..., Tensor] | nn.Module, **kwargs: Any) -> Model:
     """Accept anything ``Model`` accepts, passing a ``Model`` through unchanged."""
     return model if isinstance(model, Model) else Model(model, **kwargs)

@@ -91,6 +91,8 @@ def encode(program: Program, independent: str, params: tuple[str, ...]) -> Code 
     return Code(op, a, b, c, rate, np.asarray(program.outputs, dtype=np.int64))
 
 
+# cached on disk; no GIL (fit_batch runs chunks in threads); x/0 gives inf, as in torch;
+# reassociation and FMA let LLVM vectorise the sums (not nnan/ninf: NaN and inf keep meaning)
 JIT = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": {"reassoc", "contract"}}
 
 
