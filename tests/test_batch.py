@@ -173,6 +173,23 @@ def test_pack_groups_keeps_keys_and_order():
     np.testing.assert_array_equal(packed["y"], np.array(expected))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "equal lengths", "shuffled"])
+def test_pack_groups_equals_a_plain_loop(layout):
+    rng = np.random.default_rng(3)
+    lengths = 6 if layout == "equal lengths" else rng.integers(1, 9, 25)
+    keys = np.repeat(rng.permutation(40)[:25].astype(str), lengths)
+    if layout == "shuffled":
+        keys = keys[rng.permutation(len(keys))]
+    y = rng.normal(size=len(keys))
+    unique, packed = pack_groups(keys, {"y": y})
+    order = list(dict.fromkeys(keys.tolist()))  # first-seen order
+    assert unique.tolist() == order
+    for row, key in enumerate(order):
+        values = y[keys == key]
+        np.testing.assert_array_equal(packed["y"][row, : len(values)], values)
+        assert np.isnan(packed["y"][row, len(values) :]).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fit_batch_on_cuda_matches_cpu():
     x, y, _ = ragged_gaussians(K=64, N=50, seed=6)

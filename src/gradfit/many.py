@@ -36,22 +36,32 @@ def pack_groups(
         >>> keys.tolist(), packed["y"].tolist()
         (['b', 'a'], [[1.0, 3.0], [2.0, nan]])
     """
-    unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    order_of_groups = np.argsort(first, kind="stable")  # keep the file's group order
-    rank = np.empty_like(order_of_groups)
-    rank[order_of_groups] = np.arange(len(order_of_groups))
-    group = rank[inverse.reshape(-1)]
-    rows = np.argsort(group, kind="stable")
-    counts = np.bincount(group, minlength=len(unique))
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    runs = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.arange(0)
+    if len(np.unique(keys[runs])) == len(runs):
+        # each group is one contiguous run of rows (the usual layout): no sort needed
+        counts = np.diff(np.r_[runs, len(keys)])
+        if len(runs) and (counts == counts[0]).all():  # and all of one length: a reshape
+            shape = (len(runs), int(counts[0]))
+            return keys[runs], {name: v.reshape(shape) for name, v in columns.items()}
+        unique_in_order, rows, starts = keys[runs], np.arange(len(keys)), runs
+    else:
+        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        order_of_groups = np.argsort(first, kind="stable")  # keep the file's group order
+        rank = np.empty_like(order_of_groups)
+        rank[order_of_groups] = np.arange(len(order_of_groups))
+        group = rank[inverse.reshape(-1)]
+        rows = np.argsort(group, kind="stable")
+        counts = np.bincount(group, minlength=len(unique))
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        unique_in_order = unique[order_of_groups]
+    sorted_group = np.repeat(np.arange(len(counts)), counts)
     position = np.arange(len(rows)) - np.repeat(starts, counts)
-    sorted_group = group[rows]
     packed = {}
     for name, values in columns.items():
-        out = np.full((len(unique), max(int(counts.max()), 1)), np.nan)
+        out = np.full((len(counts), max(int(counts.max(initial=0)), 1)), np.nan)
         out[sorted_group, position] = values[rows]
         packed[name] = out
-    return unique[order_of_groups], packed
+    return unique_in_order, packed
 
 
 def read_long(
