@@ -236,3 +236,18 @@ def test_a_diverged_fit_still_plots(tmp_path):
     assert result.status == "diverged" and max(result.history) > 1e300
     paths = result.plot(tmp_path)
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+@pytest.mark.parametrize("loss", ["huber", "soft_l1", "cauchy", "arctan"])
+def test_lm_reports_the_robust_loss_itself_whatever_f_scale(loss):
+    x = np.linspace(0, 1, 50)
+    y = 2 * x + 1 + 0.3 * np.sin(40 * x)
+    y[5] += 5
+    f_scale = 0.5
+    loss_fn = gf.losses.get_loss(loss).with_options(f_scale=f_scale)
+    single = gf.fit("a*x + b", x, y, loss=loss, f_scale=f_scale, optimizer="lm")
+    expected = float(loss_fn(single.predict(x), torch.tensor(y)))
+    assert single.loss == pytest.approx(expected, rel=1e-12)
+    assert single.history[-1] == pytest.approx(expected, rel=1e-12)
+    batch = gf.fit_batch("a*x + b", x, np.stack([y, y]), loss=loss, f_scale=f_scale)
+    np.testing.assert_allclose(batch.loss.numpy(), [expected, expected], rtol=1e-9)

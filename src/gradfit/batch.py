@@ -424,10 +424,9 @@ def _fit_chunk(
     params = space.to_params(solved.theta)
     status = torch.where(few, TOO_FEW_POINTS, solved.status)
     stats = _curve_statistics(problem, params, mask, absolute_sigma, solved.rows)
-    # the kernel's cost is 0.5 Σ f_scale²·rho; the user's loss is its mean or sum
-    scale = 2 * (f_scale**2 if robust is not None else 1.0)
+    # the kernel's cost is 0.5 Σ f_scale²·rho (f_scale² included); the loss is its mean or sum
     per_point = n_valid.clamp_min(1) if loss_fn.reduction == "mean" else 1
-    loss_values = solved.cost * scale / per_point
+    loss_values = 2 * solved.cost / per_point
     return BatchResult(
         params=params, stderr=stats["stderr"], loss=loss_values, n_iter=solved.n_iter,
         status=status, param_names=model.param_names, reduced_chi2=stats["reduced_chi2"],

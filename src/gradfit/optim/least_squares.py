@@ -90,11 +90,8 @@ def run_lm(
     state = start if isinstance(start, LoopState) else LoopState(start.detach())
     loss = problem.loss
     robust = None if loss.name in ("mse", "sse", "chi2") else loss.rho
-    # the kernel's cost is 0.5 Σ f_scale² rho; the user's loss is its mean or sum
-    n_points = problem.y.shape[-1]
-    to_loss = (2.0 if loss.reduction == "sum" else 2.0 / n_points) * (
-        loss.f_scale**2 if robust is not None else 1.0
-    )
+    # the kernel's cost is 0.5 Σ f_scale² rho (f_scale² included); the loss is its mean or sum
+    to_loss = 2.0 if loss.reduction == "sum" else 2.0 / problem.y.shape[-1]
     options: dict[str, float | int] = {} if tol is None else {"ftol": tol}
     options["max_iter"] = max(0, (max_iter or DEFAULT_MAX_ITER) - state.epoch)
     theta0 = state.theta.detach().unsqueeze(0)
