@@ -74,16 +74,26 @@ def test_interpreter_keeps_nan_and_domain_errors_as_torch_does():
         np.testing.assert_allclose(g[finite], w.numpy()[finite], rtol=1e-12)
 
 
-def problem_for(expression, x, y, sigma=None, bounds=None, fixed=None):
+def problem_for(expression, x, y, sigma=None, bounds=None, fixed=None, loss="mse", f_scale=1.0):
     model = as_model(expression)
     space = ParameterSpace.build(model.param_names, bounds, fixed)
-    loss = get_loss("mse").with_options(sigma=sigma)
-    return Problem(model, x, y, loss, space)
+    loss_fn = get_loss(loss).with_options(sigma=sigma, f_scale=f_scale)
+    return Problem(model, x, y, loss_fn, space)
 
 
 def both_kernels(problem, theta0, mask=None, **options):
     residuals, stacked = residual_functions(problem)
-    reference = levenberg_marquardt(residuals, theta0, stacked=stacked, mask=mask, **options)
+    loss = problem.loss
+    robust = None if loss.name in ("mse", "sse", "chi2") else loss.rho
+    reference = levenberg_marquardt(
+        residuals,
+        theta0,
+        stacked=stacked,
+        mask=mask,
+        robust=robust,
+        f_scale=loss.f_scale,
+        **options,
+    )
     compiled = lm_compiled.fit_curves(problem, theta0, mask, rows=True, **options)
     return reference, compiled
 
@@ -140,6 +150,18 @@ def test_bounds_fixed_parameters_sigma_and_masks():
     params = problem.space.to_params(reference.theta)
     rows = torch.where(mask.unsqueeze(1), batch._weighted_rows(problem, params), 0.0)
     assert_same_outcome(reference, compiled, reference_rows=rows)
+
+
+@pytest.mark.parametrize("loss", ["huber", "soft_l1", "cauchy", "arctan"])
+def test_robust_losses_as_the_torch_kernel(loss):
+    rng = np.random.default_rng(9)
+    x = torch.linspace(0, 4, 50, dtype=torch.float64)
+    y = noisy("a*exp(-k*x) + c", [2.0, 1.3, 0.1], x, 30, 0.05, 10)
+    y[:, ::7] += torch.from_numpy(rng.normal(0, 1.0, y[:, ::7].shape))  # outliers
+    mask = torch.from_numpy(rng.uniform(size=y.shape) > 0.1)
+    problem = problem_for("a*exp(-k*x) + c", x, y, loss=loss, f_scale=0.1)
+    theta0 = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64).expand(30, -1)
+    assert_same_outcome(*both_kernels(problem, theta0, mask))
 
 
 def test_stopping_codes_for_hard_cases():
@@ -225,7 +247,8 @@ def test_fit_batch_statistics_equal_the_torch_path(monkeypatch):
     p0 = [2.0, 0.0, 1.0, 0.0]
     bounds = {"width": (0.1, 3.0), "amplitude": (0.0, None)}
     for kwargs in ({}, {"sigma": sigma}, {"sigma": sigma, "absolute_sigma": True},
-                   {"bounds": bounds}, {"fixed": {"offset": 0.1}, "loss": "sse"}):  # fmt: skip
+                   {"bounds": bounds}, {"fixed": {"offset": 0.1}, "loss": "sse"},
+                   {"loss": "soft_l1", "f_scale": 0.1, "bounds": bounds}):  # fmt: skip
         compiled, reference = batch_both_ways(monkeypatch, GAUSSIAN, x, y, p0=p0, **kwargs)
         assert_same_batch(compiled, reference, degenerate=[3, 4])
         assert math.isnan(compiled.r2[4]) and math.isnan(reference.r2[4])
@@ -241,13 +264,13 @@ def test_fit_batch_falls_back_where_the_kernel_does_not_apply(monkeypatch):
     x = np.linspace(0, 1, 20)
     y = np.stack([2 * x + 1, 3 - x])
     gf.fit_batch("a*x + b", x, y)
-    assert len(calls) == 1
-    for kwargs in ({"loss": "huber"}, {"dtype": torch.float32}):
-        result = gf.fit_batch("a*x + b", x, y, **kwargs)
-        np.testing.assert_allclose(result.params.numpy(), [[2, 1], [-1, 3]], rtol=1e-4)
+    gf.fit_batch("a*x + b", x, y, loss="huber")
+    assert len(calls) == 2
+    result = gf.fit_batch("a*x + b", x, y, dtype=torch.float32)
+    np.testing.assert_allclose(result.params.numpy(), [[2, 1], [-1, 3]], rtol=1e-4)
     line = gf.Model(lambda x, p: p[..., :1] * x + p[..., 1:], params=["a", "b"])
     gf.fit_batch(line, x, y, p0=[1.0, 1.0])
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_a_single_curve_without_rows_or_history():
@@ -263,6 +286,7 @@ def test_a_single_curve_without_rows_or_history():
     "options",
     [
         {},
+        {"loss": "cauchy", "f_scale": 0.05},
         {"bounds": {"k": (0.0, 5.0), "a": (0.5, None)}},
         {"fixed": {"c": 0.1}, "sigma": 0.05, "absolute_sigma": True},
         {"epochs": 2},

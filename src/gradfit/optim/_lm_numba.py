@@ -27,11 +27,14 @@ _LAMBDA0, _LAMBDA_MIN, _LAMBDA_MAX = lm._LAMBDA0, lm._LAMBDA_MIN, lm._LAMBDA_MAX
 _ACCEPT, _SCALE_DECAY, _H = lm._ACCEPT, lm._SCALE_DECAY, lm._GEODESIC_H
 _ALPHA, _NEAR_TRUST, _GOOD_GAIN = lm._GEODESIC_ALPHA, lm._NEAR_TRUST, lm._GOOD_GAIN
 NO_BOUND, BOTH, LOWER, UPPER = range(4)
+PLAIN, HUBER, SOFT_L1, CAUCHY, ARCTAN = range(5)  # losses: rho codes
+_PLAIN = (PLAIN, 1.0)
+_EPS = float(np.finfo(np.float64).eps)
 
 
 @numba.njit(**JIT)
-def fit_curves(value_code, full_code, data, space, tols, max_iter, geodesic, out, rows_out,
-               costs):  # fmt: skip
+def fit_curves(value_code, full_code, data, space, robust, tols, max_iter, geodesic, out,
+               rows_out, costs):  # fmt: skip
     """Fit each curve k of ``data = (x, y, sigma, mask)`` and write row k of ``out = (theta
     (holding the starts), cost, n_iter, status, variance, chi2, r2, n_points)``; ``rows_out``
     (the weighted rows [J; r] at the solution, J in the model's own free parameters) and
@@ -47,7 +50,9 @@ def fit_curves(value_code, full_code, data, space, tols, max_iter, geodesic, out
     params, chain, theta = np.empty(fixed.shape[0]), np.empty(F), np.empty(F)
     vectors = np.empty((7, F))  # grad, new_grad and the iteration's F-vectors
     matrices = np.empty((4, F, F))  # hess, new_hess, damped matrix, Cholesky factor
-    rows_pair = np.empty((2, F + 1, N))  # current and trial Jacobian rows [J; r]
+    # current and trial point: Jacobian rows [J; r], then (robust losses) the rows' weights
+    # rho' + 2z rho'' and rho'·r; swapped together when a step is accepted
+    rows_pair = np.empty((2, F + 3, N))
     u = np.empty(N)
     no_bounds = (fixed, free, np.zeros(F, dtype=np.int64), lo, hi)
     bounded = False
@@ -62,8 +67,8 @@ def fit_curves(value_code, full_code, data, space, tols, max_iter, geodesic, out
         run(value_code, PER_CURVE, xs, n, params, value_regs)
         run(full_code, PER_CURVE, xs, n, params, full_regs)
         status, it, cost2, evals, rows, hess = _fit_one(
-            value_code, full_code, value_regs, full_regs, curve, space, tols, max_iter,
-            geodesic, theta, params, chain, vectors, matrices, rows_pair, u, costs, k,
+            value_code, full_code, value_regs, full_regs, curve, space, robust, tols,
+            max_iter, geodesic, theta, params, chain, vectors, matrices, rows_pair, u, costs, k,
         )  # fmt: skip
         n_eval += evals
         theta_out[k] = theta
@@ -74,8 +79,10 @@ def fit_curves(value_code, full_code, data, space, tols, max_iter, geodesic, out
             plain = vectors[2]
             for j in range(F):
                 plain[j] = params[free[j]]
-            _point(full_code, full_regs, curve, plain, no_bounds, params, chain, rows, hess,
-                   vectors[1])  # fmt: skip
+            _point(full_code, full_regs, curve, plain, no_bounds, _PLAIN, params, chain, rows,
+                   hess, vectors[1])  # fmt: skip
+        elif robust[0] != 0:  # statistics use the plain JᵀJ, not the reweighted one
+            _gram(rows, n, hess, vectors[1])
         _statistics(rows, hess, curve, matrices[3], matrices[2], k, variance_out, chi2_out,
                     r2_out)  # fmt: skip
         if rows_out.shape[0] > 0:
@@ -86,8 +93,8 @@ def fit_curves(value_code, full_code, data, space, tols, max_iter, geodesic, out
 
 
 @numba.njit(inline="always", **JIT)
-def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, tols, max_iter,
-             geodesic, theta, params, chain, vectors, matrices, rows_pair, u, costs,
+def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust, tols,
+             max_iter, geodesic, theta, params, chain, vectors, matrices, rows_pair, u, costs,
              k):  # fmt: skip
     """LM from ``theta`` (updated in place) for one curve; returns (status, iterations,
     2·cost, evaluations, rows at theta, JᵀJ at theta)."""
@@ -98,7 +105,8 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, tols, m
     rows, new_rows = rows_pair[0], rows_pair[1]
     F = theta.shape[0]
     # -- the starting point (lm._State.start)
-    cost2 = _point(full_code, full_regs, curve, theta, space, params, chain, rows, hess, grad)
+    cost2 = _point(full_code, full_regs, curve, theta, space, robust, params, chain, rows, hess,
+                   grad)  # fmt: skip
     evals = 1
     status = _GTOL if _gtol_hit(grad, hess, cost2, tol_g) else _RUNNING
     for j in range(F):
@@ -118,13 +126,14 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, tols, m
             tiny = pred2 <= noise
             excess = 0.0
             if geodesic:
-                excess = _acceleration(value_code, value_regs, curve, space, theta, v, rows, L,
-                                       scale, dv2, params, chain, trial, u, jtu, s)  # fmt: skip
+                excess = _acceleration(value_code, value_regs, curve, space, robust, theta, v,
+                                       rows, L, scale, dv2, params, chain, trial, u, jtu,
+                                       s)  # fmt: skip
                 evals += 1
             trusted = excess <= 1
             for j in range(F):
                 trial[j] = theta[j] + (v[j] - s[j] / (_H * _H) if geodesic and trusted else v[j])
-            new_cost2 = _point(full_code, full_regs, curve, trial, space, params, chain,
+            new_cost2 = _point(full_code, full_regs, curve, trial, space, robust, params, chain,
                                new_rows, new_hess, new_grad)  # fmt: skip
             evals += 1
             actred2 = cost2 - new_cost2
@@ -186,8 +195,8 @@ def _velocity(hess, grad, scale, lam, theta, A, L, v):
 
 
 @numba.njit(inline="always", **JIT)
-def _acceleration(value_code, value_regs, curve, space, theta, v, rows, L, scale, dv2, params,
-                  chain, trial, u, jtu, s):  # fmt: skip
+def _acceleration(value_code, value_regs, curve, space, robust, theta, v, rows, L, scale, dv2,
+                  params, chain, trial, u, jtu, s):  # fmt: skip
     """Transtrum–Sethna (lm._geodesic): s = (JᵀJ + λD²)⁻¹ Jᵀu with u = r(θ + hv) - r(θ) - hJv;
     the acceleration is -2s/h². Returns the excess (2|Da| / α|Dv|)², trusted when <= 1."""
     F, n = theta.shape[0], curve[3]
@@ -197,6 +206,10 @@ def _acceleration(value_code, value_regs, curve, space, theta, v, rows, L, scale
     _axpy(u, rows[F], -1.0, n)
     for j in range(F):
         _axpy(u, rows[j], -_H * v[j], n)
+    if robust[0] != 0:  # reweighted rows, as the normal equations
+        weight = rows[F + 1]
+        for i in range(n):
+            u[i] *= weight[i]
     for j in range(F):
         jtu[j] = _dot(u, rows[j], n)
     _cholesky_solve(L, jtu, s)
@@ -242,9 +255,10 @@ def _to_params(theta, space, params, chain):
 
 
 @numba.njit(inline="always", **JIT)
-def _point(code, regs, curve, theta, space, params, chain, rows, hess, grad):
+def _point(code, regs, curve, theta, space, robust, params, chain, rows, hess, grad):
     """Rows [J; r] at theta (∂r/∂θ_j through the bound transforms, all divided by sigma),
-    then JᵀJ and Jᵀr; returns rᵀr (NaN where the Jacobian is not finite)."""
+    then JᵀJ and Jᵀr (reweighted for a robust loss); returns twice the cost, NaN where the
+    Jacobian is not finite."""
     xs, _, ss, n, has_sigma = curve
     free = space[1]
     _to_params(theta, space, params, chain)
@@ -265,7 +279,9 @@ def _point(code, regs, curve, theta, space, params, chain, rows, hess, grad):
         if has_sigma:
             _divide(row, ss, n)
     _residual_row(code, regs, curve, rows[F])
-    return _gram(rows, n, hess, grad)
+    if robust[0] == 0:
+        return _gram(rows, n, hess, grad)
+    return _robust_gram(rows, n, hess, grad, robust)
 
 
 @numba.njit(inline="always", **JIT)
@@ -304,6 +320,52 @@ def _gram(rows, n, hess, grad):
         grad[a] = _dot(rows[a], rows[F], n)
         diagonal += hess[a, a]
     return _dot(rows[F], rows[F], n) + 0.0 * diagonal  # inf * 0 and NaN * 0 are NaN
+
+
+@numba.njit(**JIT)
+def _robust_gram(rows, n, hess, grad, robust):
+    """SciPy's scaling for robust losses (lm._Evaluator._robust_point): with z = (r/f)², the
+    gradient Σ rho'·r·J and the matrix Σ (rho' + 2z rho'')·J Jᵀ; returns f² Σ rho."""
+    F = hess.shape[0]
+    loss, f = robust
+    r, weight, d1r = rows[F], rows[F + 1], rows[F + 2]
+    total = 0.0
+    for i in range(n):
+        z = (r[i] / f) ** 2
+        rho, d1, d2 = _rho(loss, z)
+        w = d1 + 2 * d2 * z
+        weight[i] = _EPS if w < _EPS else w  # NaN stays NaN, as torch's clamp
+        d1r[i] = d1 * r[i]
+        total += rho
+    diagonal = 0.0
+    for a in range(F):
+        for b in range(a, F):
+            acc = 0.0
+            for i in range(n):
+                acc += weight[i] * rows[a, i] * rows[b, i]
+            hess[a, b] = hess[b, a] = acc
+        grad[a] = _dot(d1r, rows[a], n)
+        diagonal += hess[a, a]
+    return f * f * total + 0.0 * diagonal
+
+
+@numba.njit(**JIT)
+def _rho(loss, z):
+    """(rho, rho', rho'') of ``losses.py``'s robust losses at z (SciPy's convention)."""
+    if loss == HUBER:
+        if z <= 1:
+            return z, 1.0, 0.0
+        root = math.sqrt(z)
+        return 2 * root - 1, 1 / root, -0.5 / (root * z)
+    if loss == SOFT_L1:
+        t = 1 + z
+        root = math.sqrt(t)
+        return 2 * (root - 1), 1 / root, -0.5 / (t * root)
+    if loss == CAUCHY:
+        t = 1 + z
+        return math.log1p(z), 1 / t, -1 / t**2
+    t = 1 + z**2  # arctan
+    return math.atan(z), 1 / t, -2 * z / t**2
 
 
 @numba.njit(**JIT)

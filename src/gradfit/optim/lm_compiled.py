@@ -2,12 +2,12 @@
 
 The PyTorch kernel runs ~35 passes over ``[K, N]`` tensors per iteration and ~130 small
 operations at a few microseconds each: memory traffic bounds it for batches, per-operation
-overhead for single fits. This kernel runs the same algorithm (same damping, geodesic
-acceleration, acceptance and stopping rules, same constants) for one curve after another,
-with the curve's points, Jacobian rows and registers in cache. It serves expression models
-(their program is data it can interpret, see ``compiled_program``) with plain least squares,
-in float64 on the CPU; everything else takes the PyTorch kernel. Both give each curve the
-same answer to rounding (tests compare them curve by curve).
+overhead for single fits. This kernel (``_lm_numba``) runs the same algorithm (same damping,
+geodesic acceleration, acceptance and stopping rules, same constants) for one curve after
+another, with the curve's points, Jacobian rows and registers in cache. It serves expression
+models (their program is data it can interpret, see ``compiled_program``) with plain least
+squares or a named robust loss, in float64 on the CPU; everything else takes the PyTorch
+kernel. Both give each curve the same answer to rounding (tests compare them curve by curve).
 
 Two things differ from the PyTorch kernel, neither changing the arithmetic of a curve:
 masked points are dropped before the fit instead of zeroed in every pass, and a step whose
@@ -25,12 +25,16 @@ import numpy as np
 import torch
 
 from ..loop import Problem
+from ..losses import LOSSES
 from ..models import Model
 from ..parameters import ParameterSpace
 from . import _lm_numba, lm
-from ._lm_numba import BOTH, LOWER, NO_BOUND, UPPER
+from ._lm_numba import ARCTAN, BOTH, CAUCHY, HUBER, LOWER, NO_BOUND, PLAIN, SOFT_L1, UPPER
 from .compiled_program import Code, encode
 
+_ROBUST = {LOSSES[name].rho: code for name, code in (
+    ("huber", HUBER), ("soft_l1", SOFT_L1), ("cauchy", CAUCHY), ("arctan", ARCTAN),
+)}  # fmt: skip
 # GRADFIT_COMPILED=0 sends every fit to the PyTorch kernel (to compare, or to rule this out)
 ENABLED = os.environ.get("GRADFIT_COMPILED", "1") != "0"
 
@@ -46,10 +50,11 @@ def _codes(model: Model) -> tuple[Code, Code] | None:
 
 
 def supports(problem: Problem, robust: object, theta: torch.Tensor) -> bool:
-    """Whether this kernel can fit ``problem`` (else use ``lm.levenberg_marquardt``)."""
+    """Whether this kernel can fit ``problem`` with ``robust`` (None: plain least squares;
+    else a loss's ``rho``); else use ``lm.levenberg_marquardt``."""
     return (
         ENABLED
-        and robust is None
+        and (robust is None or robust in _ROBUST)
         and theta.dtype == torch.float64
         and theta.device.type == "cpu"
         and isinstance(problem.x, torch.Tensor)
@@ -116,8 +121,11 @@ def fit_curves(
     variance = np.empty((K, F))
     rows_a = np.zeros((K if rows else 0, F + 1, N))
     costs = np.full((K, max_iter) if history else (0, 0), math.nan)
+    loss = problem.loss
+    robust = (_ROBUST.get(loss.rho, PLAIN), float(loss.f_scale))  # type: ignore[arg-type]
     n_eval = _lm_numba.fit_curves(
-        value.arrays, full.arrays, (x, y, sigma_a, mask_a), space, tols, max_iter, geodesic,
+        value.arrays, full.arrays, (x, y, sigma_a, mask_a), space, robust, tols, max_iter,
+        geodesic,
         (theta, cost, n_iter, status, variance, chi2, r2, n_points), rows_a, costs,
     )  # fmt: skip
     return CompiledFit(
