@@ -39,10 +39,11 @@ __all__ = [
 
 
 def compiled_lm() -> ModuleType | None:
-    """The compiled LM kernel's module, or None where Numba cannot be imported (every fit
-    then runs the PyTorch kernel). Imported on first use: Numba takes ~0.2 s to import."""
+    """The compiled LM kernel's module, or None where Numba cannot be imported or cannot
+    cache (no writable cache folder: RuntimeError); every fit then runs the PyTorch kernel.
+    Imported on first use: Numba takes ~0.2 s to import."""
     try:
         from . import lm_compiled
-    except ImportError:
+    except (ImportError, RuntimeError, OSError):
         return None
     return lm_compiled
