@@ -215,7 +215,7 @@ def _chunk_map(device: torch.device, n_chunks: int) -> Iterator[Callable[..., It
     """
     global _side_by_side_runs, _saved_threads
     with _threads_lock:
-        workers = _saved_threads if _side_by_side_runs else torch.get_num_threads()
+        workers = _cpu_workers()
         side_by_side = device.type == "cpu" and workers >= 2 and n_chunks >= 2
         if side_by_side:
             if _side_by_side_runs == 0:  # the first of concurrent runs saves torch's setting
@@ -234,6 +234,12 @@ def _chunk_map(device: torch.device, n_chunks: int) -> Iterator[Callable[..., It
             _side_by_side_runs -= 1
             if _side_by_side_runs == 0:  # the last one restores it
                 torch.set_num_threads(_saved_threads)
+
+
+def _cpu_workers() -> int:
+    """Threads for chunks side by side: torch's thread count, as it was before any run that
+    is now running side by side set it to 1."""
+    return _saved_threads if _side_by_side_runs else torch.get_num_threads()
 
 
 def _as_array(value: Any) -> Any:
@@ -329,7 +335,7 @@ def _balanced(chunk: int, K: int, device: Any) -> int:
     """Chunks of at most ``chunk`` curves, as many as a multiple of the CPU threads that run
     them side by side: 10,000 curves in chunks of 4,000 would leave one core idle for a
     third of the time."""
-    workers = torch.get_num_threads()
+    workers = _cpu_workers()
     if (device is not None and torch.device(device).type != "cpu") or workers < 2 or K < 512:
         return chunk
     rounds = -(-K // (chunk * workers))  # ceil
@@ -406,7 +412,6 @@ def _fit_chunk(
             reduced_chi2=stats["reduced_chi2"], r2=stats["r2"], n_points=n_valid,
             optimizer=optimizer, loss_name=loss_fn.name,
         )  # fmt: skip
-    residuals, stacked = residual_functions(problem)
     options: dict[str, Any] = {} if tol is None else {"ftol": tol}
     if epochs is not None:
         options["max_iter"] = epochs
@@ -417,6 +422,7 @@ def _fit_chunk(
     if lm_compiled is not None and lm_compiled.supports(problem, robust, theta0):
         fitted = lm_compiled.fit_curves(problem, theta0, kernel_mask, **options)
         return _compiled_result(problem, fitted, few, absolute_sigma)
+    residuals, stacked = residual_functions(problem)
     solved = levenberg_marquardt(
         residuals, theta0, stacked=stacked, robust=robust, mask=kernel_mask,
         f_scale=f_scale, subset=residual_subset(problem, kernel_mask), **options,
@@ -424,13 +430,11 @@ def _fit_chunk(
     params = space.to_params(solved.theta)
     status = torch.where(few, TOO_FEW_POINTS, solved.status)
     stats = _curve_statistics(problem, params, mask, absolute_sigma, solved.rows)
-    # the kernel's cost is 0.5 Σ f_scale²·rho (f_scale² included); the loss is its mean or sum
-    per_point = n_valid.clamp_min(1) if loss_fn.reduction == "mean" else 1
-    loss_values = 2 * solved.cost / per_point
     return BatchResult(
-        params=params, stderr=stats["stderr"], loss=loss_values, n_iter=solved.n_iter,
-        status=status, param_names=model.param_names, reduced_chi2=stats["reduced_chi2"],
-        r2=stats["r2"], n_points=n_valid, loss_name=loss_fn.name,
+        params=params, stderr=stats["stderr"], loss=_lm_loss(solved.cost, n_valid, loss_fn),
+        n_iter=solved.n_iter, status=status, param_names=model.param_names,
+        reduced_chi2=stats["reduced_chi2"], r2=stats["r2"], n_points=n_valid,
+        loss_name=loss_fn.name,
     )  # fmt: skip
 
 
@@ -442,13 +446,10 @@ def _compiled_result(
     n, chi2 = t(fitted.n_points), t(fitted.chi2)
     dof = (n - len(space.free)).to(chi2.dtype)
     reduced_chi2 = torch.where(dof > 0, chi2 / dof.clamp_min(1), torch.nan)
-    scale = torch.ones_like(reduced_chi2) if absolute_sigma else reduced_chi2
     params = space.to_params(t(fitted.theta))
-    stderr = torch.full_like(params, torch.nan)
-    stderr[:, space.free] = torch.sqrt(t(fitted.variance) * scale.unsqueeze(-1))
-    per_point = n.clamp_min(1) if problem.loss.reduction == "mean" else 1
+    stderr = _stderr(params, space.free, t(fitted.variance), reduced_chi2, absolute_sigma)
     return BatchResult(
-        params=params, stderr=stderr, loss=2 * t(fitted.cost) / per_point,
+        params=params, stderr=stderr, loss=_lm_loss(t(fitted.cost), n, problem.loss),
         n_iter=t(fitted.n_iter), status=torch.where(few, TOO_FEW_POINTS, t(fitted.status)),
         param_names=space.names, reduced_chi2=reduced_chi2, r2=t(fitted.r2), n_points=n,
         loss_name=problem.loss.name,
@@ -474,9 +475,6 @@ def _curve_statistics(
     jt = rows[:, :-1]  # (k, F, N)
     fit_stats = stats.goodness(problem.y, y_pred, rows[:, -1], len(free), mask)
     normal = torch.bmm(jt, jt.mT)  # (k, F, F)
-    scale = (
-        torch.ones_like(fit_stats["reduced_chi2"]) if absolute_sigma else fit_stats["reduced_chi2"]
-    )
     if len(free) <= MAX_P:
         L, ok = cholesky(normal)
         variance = cholesky_inverse(L).diagonal(dim1=-2, dim2=-1)
@@ -484,11 +482,27 @@ def _curve_statistics(
         L_full, info = torch.linalg.cholesky_ex(normal)
         ok = info == 0
         variance = torch.cholesky_inverse(L_full).diagonal(dim1=-2, dim2=-1)
-    stderr_free = torch.sqrt(variance * scale.unsqueeze(-1))
-    stderr_free = torch.where(ok.unsqueeze(-1) & (variance > 0), stderr_free, torch.nan)
+    variance = torch.where(ok.unsqueeze(-1) & (variance > 0), variance, torch.nan)
+    reduced_chi2 = fit_stats["reduced_chi2"]
+    stderr = _stderr(params, free, variance, reduced_chi2, absolute_sigma)
+    return {"stderr": stderr, "reduced_chi2": reduced_chi2, "r2": fit_stats["r2"]}
+
+
+def _stderr(
+    params: Tensor, free: list[int], variance: Tensor, reduced_chi2: Tensor, absolute_sigma: bool
+) -> Tensor:
+    """``[k, P]`` standard errors from the diagonal of (JᵀJ)⁻¹ of the free parameters (NaN
+    where singular), scaled by χ²ᵣ unless ``absolute_sigma``; NaN for fixed parameters."""
+    scale = torch.ones_like(reduced_chi2) if absolute_sigma else reduced_chi2
     stderr = torch.full_like(params, torch.nan)
-    stderr[:, free] = stderr_free
-    return {"stderr": stderr, "reduced_chi2": fit_stats["reduced_chi2"], "r2": fit_stats["r2"]}
+    stderr[:, free] = torch.sqrt(variance * scale.unsqueeze(-1))
+    return stderr
+
+
+def _lm_loss(cost: Tensor, n_valid: Tensor, loss: Loss) -> Tensor:
+    """The user's loss from the LM kernels' cost 0.5 Σ f_scale²·rho (f_scale² included):
+    its mean over the valid points or its sum."""
+    return 2 * cost / (n_valid.clamp_min(1) if loss.reduction == "mean" else 1)
 
 
 def _weighted_rows(problem: Problem, params: Tensor) -> Tensor:

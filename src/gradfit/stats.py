@@ -60,7 +60,7 @@ def covariance(J: Array, scale: Array | float = 1.0) -> Array:
     singular = (s <= eps * s[..., :1]).any(-1) | ~xp.isfinite(s).all(-1)
     inv_s2 = xp.where(s > 0, 1 / _at_least(s * s, _finfo(J).tiny), xp.inf)
     cov = (vh.mT * inv_s2[..., None, :]) @ vh  # V diag(1/s²) Vᵀ
-    if not isinstance(scale, float):
+    if not isinstance(scale, int | float):  # per fit: broadcast over the matrices
         scale = scale[..., None, None]
     cov = cov * scale
     return xp.where(singular[..., None, None], xp.inf, cov)
