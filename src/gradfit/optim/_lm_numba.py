@@ -3,7 +3,7 @@
 Argument groups travel as tuples: ``code`` and ``regs`` (a program's arrays and registers,
 see ``compiled_program``), ``space`` (fixed values, free indices, bound kinds, bounds) and
 ``curve`` (one curve's valid points ``xs, ys, sigma``, their count, whether sigma is given).
-Step names and order follow ``lm.py``; so do the constants, which are read from it.
+Step names and order follow ``lm.py``; so do the constants, which ``tols`` carries from it.
 The per-curve functions are inlined into the loop over curves: called, they cost a
 reference count per array in each tuple, about 1 µs of a quadratic fit's 4.
 """
@@ -15,7 +15,6 @@ import math
 import numba
 import numpy as np
 
-from . import lm
 from .compiled_program import JIT, PER_CURVE, PER_POINT, SCALAR, run
 from .lm import LMStatus
 
@@ -23,13 +22,17 @@ _RUNNING, _FTOL, _XTOL, _GTOL, _MAX_ITER, _NON_FINITE, _SINGULAR = (
     int(LMStatus.RUNNING), int(LMStatus.FTOL), int(LMStatus.XTOL), int(LMStatus.GTOL),
     int(LMStatus.MAX_ITER), int(LMStatus.NON_FINITE), int(LMStatus.SINGULAR),
 )  # fmt: skip
-_LAMBDA0, _LAMBDA_MIN, _LAMBDA_MAX = lm._LAMBDA0, lm._LAMBDA_MIN, lm._LAMBDA_MAX
-_ACCEPT, _SCALE_DECAY, _H = lm._ACCEPT, lm._SCALE_DECAY, lm._GEODESIC_H
-_ALPHA, _NEAR_TRUST, _GOOD_GAIN = lm._GEODESIC_ALPHA, lm._NEAR_TRUST, lm._GOOD_GAIN
+# The ``tols`` array: the tolerances, then lm.py's constants (lm_compiled._tolerances fills it;
+# at run time, since Numba's cache would keep constants frozen at compile time)
+SETTINGS = (
+    "ftol", "ftol_actual", "noise", "xtol", "gtol", "lambda0", "lambda_min", "lambda_max",
+    "accept", "scale_stale", "geodesic_h", "geodesic_alpha", "near_trust", "good_gain",
+    "lambda_stationary", "stationary",
+)  # fmt: skip
+_EPS = float(np.finfo(np.float64).eps)
 NO_BOUND, BOTH, LOWER, UPPER = range(4)
 PLAIN, HUBER, SOFT_L1, CAUCHY, ARCTAN = range(5)  # losses: rho codes
 _PLAIN = (PLAIN, 1.0)
-_EPS = float(np.finfo(np.float64).eps)
 
 
 @numba.njit(**JIT)
@@ -99,6 +102,8 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust,
     """LM from ``theta`` (updated in place) for one curve; returns (status, iterations,
     2·cost, evaluations, rows at theta, JᵀJ at theta)."""
     tol_f, tol_fa, tol_noise, tol_x, tol_g = tols[0], tols[1], tols[2], tols[3], tols[4]
+    lambda0, lambda_min, lambda_max, accept, stale = tols[5], tols[6], tols[7], tols[8], tols[9]
+    h, near_trust, good_gain = tols[10], tols[12], tols[13]
     grad, new_grad, trial, v, s, jtu, scale = (vectors[0], vectors[1], vectors[2], vectors[3],
                                                vectors[4], vectors[5], vectors[6])  # fmt: skip
     hess, new_hess, A, L = matrices[0], matrices[1], matrices[2], matrices[3]
@@ -108,14 +113,15 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust,
     cost2 = _point(full_code, full_regs, curve, theta, space, robust, params, chain, rows, hess,
                    grad)  # fmt: skip
     evals = 1
-    status = _GTOL if _gtol_hit(grad, hess, cost2, tol_g) else _RUNNING
+    n, cost2_start = curve[3], cost2
+    status = _GTOL if _gtol_hit(grad, rows, hess, n, robust, cost2, tol_g) else _RUNNING
     for j in range(F):
-        scale[j] = hess[j, j]
-        if hess[j, j] == 0:
-            status = _SINGULAR
+        scale[j] = _column2(rows, hess, j, n, robust)
+        if scale[j] == 0:  # MINPACK: a zero column is scaled by 1 (it does not move this step)
+            scale[j] = 1.0
     if not math.isfinite(cost2):
         status = _NON_FINITE
-    lam, nu = _LAMBDA0, 2.0
+    lam, nu = lambda0, 2.0
     it = 0
     while status == _RUNNING and it < max_iter:  # -- lm._iterate
         factored, dv2, dx2, pred2 = _velocity(hess, grad, scale, lam, theta, A, L, v)
@@ -127,19 +133,19 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust,
             excess = 0.0
             if geodesic:
                 excess = _acceleration(value_code, value_regs, curve, space, robust, theta, v,
-                                       rows, L, scale, dv2, params, chain, trial, u, jtu,
-                                       s)  # fmt: skip
+                                       rows, L, scale, dv2, params, chain, trial, u, jtu, s,
+                                       tols)  # fmt: skip
                 evals += 1
             trusted = excess <= 1
             for j in range(F):
-                trial[j] = theta[j] + (v[j] - s[j] / (_H * _H) if geodesic and trusted else v[j])
+                trial[j] = theta[j] + (v[j] - s[j] / (h * h) if geodesic and trusted else v[j])
             new_cost2 = _point(full_code, full_regs, curve, trial, space, robust, params, chain,
                                new_rows, new_hess, new_grad)  # fmt: skip
             evals += 1
             actred2 = cost2 - new_cost2
             rho = actred2 / pred2  # gain ratio
-            ok = not geodesic or trusted or tiny or (excess <= _NEAR_TRUST and rho > _GOOD_GAIN)
-            accepted = ok and (rho > _ACCEPT or (tiny and abs(actred2) <= noise))
+            ok = not geodesic or trusted or tiny or (excess <= near_trust and rho > good_gain)
+            accepted = ok and (rho > accept or (tiny and abs(actred2) <= noise))
             f_hit = pred2 <= tol_f * cost2 and abs(actred2) <= tol_fa * cost2
             x_hit = dv2 <= tol_x * tol_x * dx2
         # Nielsen's damping update
@@ -150,8 +156,8 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust,
         else:
             lam *= nu
             nu *= 2
-        if lam < _LAMBDA_MIN:
-            lam = _LAMBDA_MIN
+        if lam < lambda_min:
+            lam = lambda_min
         if accepted:  # take the trial point's buffers (a swap, not a copy)
             rows, new_rows = new_rows, rows
             hess, new_hess = new_hess, hess
@@ -159,13 +165,19 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust,
             cost2 = new_cost2
             for j in range(F):
                 theta[j] = trial[j]
-                scale[j] = max(scale[j] * _SCALE_DECAY, hess[j, j])
-        status = _GTOL if _gtol_hit(grad, hess, cost2, tol_g) else _RUNNING
+                scale[j] = _rescale(scale[j], _column2(rows, hess, j, n, robust), stale)
+        status = _GTOL if _gtol_hit(grad, rows, hess, n, robust, cost2, tol_g) else _RUNNING
         if x_hit:
             status = _XTOL
         if f_hit:
             status = _FTOL
-        if not factored and lam > _LAMBDA_MAX:
+        # a small step or reduction says "converged" only at a stationary point
+        if (x_hit or f_hit) and not (
+            _exact(theta, scale, cost2, cost2_start, tols)
+            or _stationary(hess, grad, scale, cost2, tols, A, L, s)
+        ):
+            status = _RUNNING
+        if not factored and lam > lambda_max:
             status = _SINGULAR
         if costs.shape[0] > 0:
             costs[k, it] = 0.5 * cost2
@@ -196,16 +208,17 @@ def _velocity(hess, grad, scale, lam, theta, A, L, v):
 
 @numba.njit(inline="always", **JIT)
 def _acceleration(value_code, value_regs, curve, space, robust, theta, v, rows, L, scale, dv2,
-                  params, chain, trial, u, jtu, s):  # fmt: skip
+                  params, chain, trial, u, jtu, s, tols):  # fmt: skip
     """Transtrum–Sethna (lm._geodesic): s = (JᵀJ + λD²)⁻¹ Jᵀu with u = r(θ + hv) - r(θ) - hJv;
     the acceleration is -2s/h². Returns the excess (2|Da| / α|Dv|)², trusted when <= 1."""
     F, n = theta.shape[0], curve[3]
+    h, alpha = tols[10], tols[11]
     for j in range(F):
-        trial[j] = theta[j] + _H * v[j]
+        trial[j] = theta[j] + h * v[j]
     _residuals(value_code, value_regs, curve, trial, space, params, chain, u)
     _axpy(u, rows[F], -1.0, n)
     for j in range(F):
-        _axpy(u, rows[j], -_H * v[j], n)
+        _axpy(u, rows[j], -h * v[j], n)
     if robust[0] != 0:  # reweighted rows, as the normal equations
         weight = rows[F + 1]
         for i in range(n):
@@ -216,7 +229,7 @@ def _acceleration(value_code, value_regs, curve, space, robust, theta, v, rows, 
     ds2 = 0.0
     for j in range(F):
         ds2 += scale[j] * s[j] * s[j]
-    return ds2 / ((_ALPHA * _H * _H / 4) ** 2 * dv2)
+    return ds2 / ((alpha * h * h / 4) ** 2 * dv2)
 
 
 @numba.njit(**JIT)
@@ -369,12 +382,51 @@ def _rho(loss, z):
 
 
 @numba.njit(**JIT)
-def _gtol_hit(grad, hess, cost2, gtol):
+def _rescale(scale, column2, stale):
+    """lm._rescale: MINPACK's non-decreasing scale, at most ``stale`` times the column's."""
+    if not column2 > 0:
+        return scale
+    return min(max(scale, column2), column2 * stale)
+
+
+@numba.njit(**JIT)
+def _column2(rows, hess, j, n, robust):
+    """|J_j|², the squared norm of column j of the un-reweighted Jacobian."""
+    return hess[j, j] if robust[0] == 0 else _dot(rows[j], rows[j], n)
+
+
+@numba.njit(**JIT)
+def _gtol_hit(grad, rows, hess, n, robust, cost2, gtol):
     """MINPACK's max_j |g_j| / (|J_j| |r|) <= gtol, squared; zero columns and exact fits pass."""
-    for j in range(grad.shape[0]):  # noqa: SIM110 - Numba compiles loops, not all(generator)
-        if not grad[j] * grad[j] <= gtol * gtol * cost2 * hess[j, j]:
+    for j in range(grad.shape[0]):  # Numba compiles loops, not all(generator)
+        if not grad[j] * grad[j] <= gtol * gtol * cost2 * _column2(rows, hess, j, n, robust):
             return False
     return True
+
+
+@numba.njit(**JIT)
+def _exact(theta, scale, cost2, cost2_start, tols):
+    """lm._stationary's exact-fit case: the residuals are rounding noise."""
+    dx2 = 0.0
+    for j in range(theta.shape[0]):
+        dx2 += scale[j] * theta[j] * theta[j]
+    noise = tols[2]  # _COST_NOISE eps
+    return cost2 <= _EPS * cost2_start or cost2 <= noise * noise * dx2
+
+
+@numba.njit(**JIT)
+def _stationary(hess, grad, scale, cost2, tols, A, L, w):
+    """lm._stationary, less its exact-fit case (``_exact``): the nearly undamped step predicts
+    a relative reduction below tolerance."""
+    F = grad.shape[0]
+    for a in range(F):
+        for b in range(F):
+            A[a, b] = hess[a, b]
+        A[a, a] += tols[14] * scale[a]
+    if not _cholesky(A, L):
+        return False
+    _cholesky_solve(L, grad, w)
+    return _dot(grad, w, F) <= max(tols[0], tols[15]) * cost2
 
 
 @numba.njit(**JIT)

@@ -155,10 +155,24 @@ def _bound_arrays(
 
 @functools.lru_cache(maxsize=64)
 def _tolerances(ftol: float, xtol: float, gtol: float) -> np.ndarray:
-    """As ``lm.levenberg_marquardt``: raised to eps; the actual reduction not below noise."""
+    """As ``lm.levenberg_marquardt``: raised to eps; the actual reduction not below noise;
+    then ``lm.py``'s constants (``_lm_numba.SETTINGS`` names them).
+
+    The constants travel as data: Numba's disk cache is keyed on ``_lm_numba.py``'s text alone,
+    so constants read from ``lm.py`` at compile time would go stale when only ``lm.py`` changes.
+    """
     eps = float(np.finfo(np.float64).eps)
     noise = lm._COST_NOISE * eps
-    return np.array([max(ftol, eps), max(ftol, noise), noise, max(xtol, eps), max(gtol, eps)])
+    tols = [max(ftol, eps), max(ftol, noise), noise, max(xtol, eps), max(gtol, eps)]
+    return np.array(tols + [lm_constant(name) for name in _lm_numba.SETTINGS[5:]])
+
+
+def lm_constant(name: str) -> float:
+    """One of ``lm.py``'s constants by the name ``_lm_numba.SETTINGS`` gives it."""
+    if name in ("lambda_stationary", "stationary"):
+        damping, tol = lm.stationary_tolerances(float(np.finfo(np.float64).eps))
+        return damping if name == "lambda_stationary" else tol
+    return float(getattr(lm, "_" + name.upper()))
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
