@@ -55,7 +55,7 @@ def run(kernel: str) -> None:
         ours += reached
         scipy += scipy_reached
         ours_where_scipy += reached and scipy_reached
-        n_eval = getattr(result, "n_eval", None)  # not on FitResult today
+        n_eval = result.n_eval
         flags = f"{'G' if reached else '-'}{'S' if scipy_reached else '-'}"
         print(
             f"{problem.name:16s} {factor:4g}x0 | {result.chi2:12.6e} {result.status:10s} "

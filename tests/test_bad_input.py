@@ -79,6 +79,12 @@ def make(kind):
             return with_cell(tmp_path, 5, 2, "")
         if kind == "sigma0":
             return with_cell(tmp_path, 6, 2, "0")
+        if kind == "semicolon_tsv":
+            t, counts = decay_rows()
+            rows = [(a, b, 0.5) for a, b in zip(t, counts, strict=True)]
+            path = tmp_path / "decay.tsv"
+            path.write_text("t;counts;err\n" + "".join(f"{a};{b};{c}\n" for a, b, c in rows))
+            return path
         if kind == "two_rows":
             return write_csv(tmp_path / "short.csv", [(0, 1, 1), (1, 2, 1)])
         t, counts = decay_rows()
@@ -141,6 +147,14 @@ CLI_CASES = [
      ["does not use the independent variable 't'", "write it in t"]),
     ("resume from a missing checkpoint", good, ["--resume", "gone.pt"],
      ["gone.pt", "no such checkpoint"]),
+    ("semicolons in a .tsv", make("semicolon_tsv"), [],
+     ["decay.tsv: read as one column 't;counts;err'", "give --delimiter ';'"]),
+    ("bad --delimiter", good, ["--delimiter", "xx"], ["--delimiter must be one character"]),
+    ("headerless read by name", good, ["--no-header"],
+     ["no column 't'", "columns are c0, c1, c2", "without a header row"]),
+    ("unknown option", good, ["--modle", "gaussian"],
+     ["no such option --modle (did you mean --model?)", "fit --help"]),
+    ("bad option value", good, ["--epochs", "many"], ["invalid value for --epochs"]),
 ]  # fmt: skip
 
 

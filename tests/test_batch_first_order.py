@@ -68,7 +68,7 @@ def test_each_curve_stops_on_its_own_loss_change():
     x, y = curves(K=6)
     options = {"optimizer": "adam", "lr": 0.05, "epochs": 5000, "tol": 1e-10}
     batch = gf.fit_batch(MODEL, x, y, p0=[1.0, 0.0, 0.0], **options)
-    assert set(batch.status_names) == {"converged_ftol"}
+    assert set(batch.status_names) == {"converged"}
     assert len(set(batch.n_iter.tolist())) > 1  # curves stopped after different epoch counts
     assert int(batch.n_iter.max()) < 5000
     single = assert_same_as_fit(batch, x, y, 4, **options)

@@ -55,7 +55,7 @@ def test_resume_from_a_periodic_checkpoint_and_with_more_epochs(tmp_path):
     path = tmp_path / "fit.pt"
     first = fit_quadratic(optimizer="adam", lr=0.05, epochs=700, checkpoint=path,
                           checkpoint_every=300)  # fmt: skip
-    assert first.status == "max_epochs" and read_checkpoint(path)["epoch"] == 700
+    assert first.status == "max_iter" and read_checkpoint(path)["epoch"] == 700
     longer = fit_quadratic(optimizer="adam", lr=0.05, epochs=1200, resume=path)
     assert longer.history == fit_quadratic(optimizer="adam", lr=0.05, epochs=1200).history
 
@@ -118,7 +118,8 @@ def test_resume_refuses_a_different_problem(tmp_path, change, key):
     with pytest.raises(CheckpointError) as info:
         gf.fit(model, x, y + shift, resume=path, **options)
     message = str(info.value)
-    assert f"({key} is" in message and "different fit" in message and str(path) in message
+    named = "different data (y changed)" if key == "data" else f"written for {key} "
+    assert named in message and str(path) in message and "drop --resume" in message
 
 
 def test_unreadable_or_foreign_checkpoints_are_refused(tmp_path):
@@ -128,11 +129,14 @@ def test_unreadable_or_foreign_checkpoints_are_refused(tmp_path):
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.ones(3)}, other)
     empty = tmp_path / "empty.pt"
-    torch.save({"format": "gradfit-checkpoint", "version": 1}, empty)
+    torch.save({"format": "gradfit-checkpoint", "version": checkpoints.VERSION}, empty)
+    old = tmp_path / "old.pt"
+    torch.save({"format": "gradfit-checkpoint", "version": 1}, old)
     for path, text in [(tmp_path / "gone.pt", "no such checkpoint"),
                        (garbage, "not a readable gradfit checkpoint"),
                        (other, "not a gradfit checkpoint"),
-                       (empty, "belongs to a different fit")]:  # fmt: skip
+                       (old, "checkpoint version 1, this gradfit reads"),
+                       (empty, "written for a fit that did not record model")]:  # fmt: skip
         with pytest.raises(CheckpointError, match=text):
             gf.fit(QUADRATIC, x, y, optimizer="gd", resume=path)
 

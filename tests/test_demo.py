@@ -2,13 +2,15 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from post_verbatim import run_post
 from typer.testing import CliRunner
 
 from gradfit.cli import app
-from gradfit.demo import least_squares_optimum, run_demo
+from gradfit.demo import least_squares_optimum, optimum_curve, run_demo, write_demo
+from gradfit.plots import after_training_figure
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 2024])
@@ -81,3 +83,34 @@ def test_demo_with_lm_reaches_the_optimum(tmp_path):
     data = json.loads((out / "results.json").read_text())
     for name in "abc":
         assert data["params"][name] == pytest.approx(data["optimum_params"][name], rel=1e-4)
+
+
+def test_optimum_curve_is_the_fitted_quadratic():
+    x = torch.linspace(-1, 2, 40)
+    optimum, _ = least_squares_optimum(x, 3 * x**2 - 2 * x + 0.5)
+    grid = np.linspace(-1, 2, 7)
+    expected = 3 * grid**2 - 2 * grid + 0.5
+    np.testing.assert_allclose(optimum_curve(optimum)(grid), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "epochs", "apart"), [("gd", 2000, True), ("lm", None, False)]
+)
+def test_after_training_figure_shows_whether_the_optimum_was_reached(optimizer, epochs, apart):
+    options = {} if epochs is None else {"epochs": epochs}
+    run = run_demo(seed=0, optimizer=optimizer, **options)
+    figure = after_training_figure(run.x, run.y, run.result.predict, optimum_curve(run.optimum))
+    lines = {line.get_label(): line.get_ydata() for line in figure.axes[0].get_lines()}
+    gap = np.abs(lines["least-squares optimum"] - lines["y_pred"]).max()
+    assert bool(gap > 0.1) is apart, gap
+    # the residual panel draws the same gap, optimum minus the trained curve
+    residual_lines = figure.axes[1].get_lines()
+    (difference,) = [ln for ln in residual_lines if ln.get_label() == "optimum − y_pred"]
+    assert np.abs(difference.get_ydata()).max() == pytest.approx(gap)
+
+
+def test_demo_writes_the_after_training_figure(tmp_path):
+    run = run_demo(seed=0, epochs=50)
+    written = write_demo(run, tmp_path)
+    assert [p.name for p in written][3] == "after_training.png"
+    assert (tmp_path / "after_training.png").read_bytes()[:4] == b"\x89PNG"

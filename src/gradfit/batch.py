@@ -24,7 +24,7 @@ from torch import nn
 
 from ._malloc import release_freed_memory, reuse_freed_memory
 from .batch_first_order import fit_first_order
-from .batch_result import TOO_FEW_POINTS, BatchResult, concat
+from .batch_result import NO_DATA, TOO_FEW_POINTS, BatchResult, concat
 from .errors import DataError, OptionError, unknown_name
 from .loop import Problem
 from .losses import Loss, get_loss
@@ -345,19 +345,13 @@ def _balanced(chunk: int, K: int, device: Any) -> int:
 def _start(
     model: Model, p0: Any, x: Tensor, y: Tensor, mask: Tensor, start: int, stop: int
 ) -> Tensor:
+    """``[k, P]`` starting values of curves ``start:stop``, chosen as ``fit`` chooses them."""
     k, names = y.shape[0], model.param_names
     dtype, device = y.dtype, y.device
     if p0 is None or isinstance(p0, Mapping):
-        base = None
-        if model.guess_fn is not None:
-            base = model.guess_fn(*_fill_for_guess(x, y, mask))
-        if base is None:
-            base = torch.ones(k, len(names), dtype=dtype, device=device)
-        base = base.to(dtype).expand(k, len(names)).clone()
+        base = _default_start(model, x, y, mask).to(dtype).expand(k, len(names)).clone()
         for name, value in (p0 or {}).items():
             if name not in names:
-                from .errors import unknown_name
-
                 raise unknown_name("parameter in p0", name, names)
             base[:, names.index(name)] = float(value)
         return base
@@ -369,12 +363,15 @@ def _start(
     raise OptionError(f"p0 must be [P] or [K, P] with P = {len(names)}, got {tuple(start_t.shape)}")
 
 
-def _fill_for_guess(x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Masked points take the curve's median valid y, so guesses see no padding zeros."""
-    if bool(mask.all()):
-        return x, y
-    median = torch.where(mask, y, torch.nan).nanmedian(-1, keepdim=True).values
-    return x, torch.where(mask, y, median.nan_to_num(0.0))
+def _default_start(model: Model, x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+    """As ``fit`` without p0: a module's own parameters, else the built-in's guess from each
+    curve's valid points alone (masked, so padding never moves it), else ones."""
+    initial = model.initial_params(y.dtype)
+    if initial is not None:
+        return initial.to(y.device)
+    if model.guess_fn is not None:
+        return model.guess_fn(x, y, mask=None if bool(mask.all()) else mask)
+    return torch.ones(len(model.param_names), dtype=y.dtype, device=y.device)
 
 
 def _fit_chunk(
@@ -395,52 +392,83 @@ def _fit_chunk(
     x, y, sigma, mask = part["x"], part["y"], part["sigma"], part["mask"]
     assert y is not None and mask is not None and x is not None
     p_start = _start(model, p0, x, y, mask, start, stop)
+    # fit refuses a curve with fewer points than free parameters: no start to check, and a
+    # NaN start makes both kernels and the first-order loop drop it at once (no iterations)
+    few = mask.sum(-1) < len(space.free)
+    p_start = torch.where(few.unsqueeze(-1), torch.nan, p_start)
     space.check_start(p_start)
     problem = Problem(model, x, y, loss_fn.with_options(f_scale=f_scale, sigma=sigma), space)
-    n_valid = mask.sum(-1)
-    few = n_valid < len(space.free)
     if optimizer in FIRST_ORDER:
         assert lr is not None
-        theta, loss_values, n_iter, status = fit_first_order(
-            problem, space.to_theta(p_start), mask, optimizer, lr, epochs or 15_000, tol
-        )
-        params = space.to_params(theta).detach()
-        stats = _curve_statistics(problem, params, mask, absolute_sigma, rows=None)
-        return BatchResult(
-            params=params, stderr=stats["stderr"], loss=loss_values, n_iter=n_iter,
-            status=torch.where(few, TOO_FEW_POINTS, status), param_names=model.param_names,
-            reduced_chi2=stats["reduced_chi2"], r2=stats["r2"], n_points=n_valid,
-            optimizer=optimizer, loss_name=loss_fn.name,
-        )  # fmt: skip
+        result = _first_order_chunk(problem, p_start, mask, optimizer, lr, epochs, tol,
+                                    absolute_sigma)  # fmt: skip
+    else:
+        result = _lm_chunk(problem, p_start, mask, f_scale, epochs, tol, absolute_sigma)
+    fixed = tuple(n for n, v in zip(space.names, space.fixed, strict=True) if v is not None)
+    return _mark_unfitted(replace(result, fixed=fixed), mask.sum(-1), few)
+
+
+def _first_order_chunk(
+    problem: Problem,
+    p_start: Tensor,
+    mask: Tensor,
+    optimizer: str,
+    lr: float,
+    epochs: int | None,
+    tol: float | None,
+    absolute_sigma: bool,
+) -> BatchResult:
+    space = problem.space
+    theta, loss_values, n_iter, status = fit_first_order(
+        problem, space.to_theta(p_start), mask, optimizer, lr, epochs or 15_000, tol
+    )
+    params = space.to_params(theta).detach()
+    stats = _curve_statistics(problem, params, mask, absolute_sigma, rows=None)
+    return BatchResult(
+        params=params, stderr=stats["stderr"], loss=loss_values, n_iter=n_iter, status=status,
+        param_names=space.names, reduced_chi2=stats["reduced_chi2"], r2=stats["r2"],
+        n_points=mask.sum(-1), optimizer=optimizer, loss_name=problem.loss.name,
+    )  # fmt: skip
+
+
+def _lm_chunk(
+    problem: Problem,
+    p_start: Tensor,
+    mask: Tensor,
+    f_scale: float,
+    epochs: int | None,
+    tol: float | None,
+    absolute_sigma: bool,
+) -> BatchResult:
+    """Levenberg–Marquardt on a chunk: the compiled kernel where it applies, else PyTorch's."""
+    space, loss_fn = problem.space, problem.loss
     options: dict[str, Any] = {} if tol is None else {"ftol": tol}
     if epochs is not None:
         options["max_iter"] = epochs
     robust = None if loss_fn.name in ("mse", "sse", "chi2") else loss_fn.rho
     kernel_mask = None if bool(mask.all()) else mask
     theta0 = space.to_theta(p_start)
-    lm_compiled = compiled_lm() if model.programs is not None else None  # for expressions
+    lm_compiled = compiled_lm() if problem.model.programs is not None else None  # expressions
     if lm_compiled is not None and lm_compiled.supports(problem, robust, theta0):
         fitted = lm_compiled.fit_curves(problem, theta0, kernel_mask, **options)
-        return _compiled_result(problem, fitted, few, absolute_sigma)
+        return _compiled_result(problem, fitted, absolute_sigma)
     residuals, stacked = residual_functions(problem)
     solved = levenberg_marquardt(
         residuals, theta0, stacked=stacked, robust=robust, mask=kernel_mask,
         f_scale=f_scale, subset=residual_subset(problem, kernel_mask), **options,
     )  # fmt: skip
     params = space.to_params(solved.theta)
-    status = torch.where(few, TOO_FEW_POINTS, solved.status)
     stats = _curve_statistics(problem, params, mask, absolute_sigma, solved.rows)
+    n_valid = mask.sum(-1)
     return BatchResult(
         params=params, stderr=stats["stderr"], loss=_lm_loss(solved.cost, n_valid, loss_fn),
-        n_iter=solved.n_iter, status=status, param_names=model.param_names,
+        n_iter=solved.n_iter, status=solved.status, param_names=space.names,
         reduced_chi2=stats["reduced_chi2"], r2=stats["r2"], n_points=n_valid,
         loss_name=loss_fn.name,
     )  # fmt: skip
 
 
-def _compiled_result(
-    problem: Problem, fitted: CompiledFit, few: Tensor, absolute_sigma: bool
-) -> BatchResult:
+def _compiled_result(problem: Problem, fitted: CompiledFit, absolute_sigma: bool) -> BatchResult:
     """A chunk's result from the compiled kernel, which computed the statistics itself."""
     space, t = problem.space, torch.from_numpy
     n, chi2 = t(fitted.n_points), t(fitted.chi2)
@@ -450,9 +478,30 @@ def _compiled_result(
     stderr = _stderr(params, space.free, t(fitted.variance), reduced_chi2, absolute_sigma)
     return BatchResult(
         params=params, stderr=stderr, loss=_lm_loss(t(fitted.cost), n, problem.loss),
-        n_iter=t(fitted.n_iter), status=torch.where(few, TOO_FEW_POINTS, t(fitted.status)),
-        param_names=space.names, reduced_chi2=reduced_chi2, r2=t(fitted.r2), n_points=n,
-        loss_name=problem.loss.name,
+        n_iter=t(fitted.n_iter), status=t(fitted.status), param_names=space.names,
+        reduced_chi2=reduced_chi2, r2=t(fitted.r2), n_points=n, loss_name=problem.loss.name,
+    )  # fmt: skip
+
+
+def _mark_unfitted(result: BatchResult, n_valid: Tensor, few: Tensor) -> BatchResult:
+    """Curves with fewer valid points than free parameters: status ``too_few_points`` (or
+    ``no_data`` without any), no iterations, and NaN for everything a fit would have
+    estimated (``fit`` refuses them)."""
+    if not bool(few.any()):
+        return result
+    few = few.to(result.params.device)
+    status = torch.where(n_valid.to(few.device) == 0, NO_DATA, TOO_FEW_POINTS)
+    row, nan = few.unsqueeze(-1), torch.nan
+
+    def blank(values: Tensor) -> Tensor:
+        return torch.where(row if values.dim() == 2 else few, nan, values)
+
+    return replace(
+        result,
+        params=blank(result.params), stderr=blank(result.stderr), loss=blank(result.loss),
+        reduced_chi2=blank(result.reduced_chi2), r2=blank(result.r2),
+        n_iter=torch.where(few, 0, result.n_iter),
+        status=torch.where(few, status, result.status),
     )  # fmt: skip
 
 
@@ -482,7 +531,8 @@ def _curve_statistics(
         L_full, info = torch.linalg.cholesky_ex(normal)
         ok = info == 0
         variance = torch.cholesky_inverse(L_full).diagonal(dim1=-2, dim2=-1)
-    variance = torch.where(ok.unsqueeze(-1) & (variance > 0), variance, torch.nan)
+    variance = torch.where(ok.unsqueeze(-1), variance, torch.nan)
+    variance = stats.estimable_variance(variance, normal.diagonal(dim1=-2, dim2=-1))
     reduced_chi2 = fit_stats["reduced_chi2"]
     stderr = _stderr(params, free, variance, reduced_chi2, absolute_sigma)
     return {"stderr": stderr, "reduced_chi2": reduced_chi2, "r2": fit_stats["r2"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from .data import prepare_data, read_table
 from .errors import OptionError
 from .files import check_output_dir, check_parent, output_dir
 from .fitting import check_model_name, fit
-from .loop import Hook
+from .loop import FAILED, Hook
 from .models import Model, get_builtin
 from .parameters import parse_assignments, parse_bounds
 from .results import FitResult
@@ -98,10 +99,28 @@ def run_fit(
         absolute_sigma=absolute_sigma, progress=True, hook=hook, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, resume=resume, **options,
     )  # fmt: skip
+    # the figures' axes carry the table's column names
+    result.data["labels"] = {"x": x_columns[0] if len(x_columns) == 1 else x, "y": y}
     if out is not None:
         with output_dir(out, overwrite=overwrite) as folder:
             write_outputs(result, folder, report)
+    print_warnings(result)
     return result
+
+
+def print_warnings(result: FitResult) -> None:
+    """Each warning as one ``warning: ...`` line on stderr (the exit code does not change).
+
+    A failed fit (diverged, ...) prints none: the CLI's one ``error:`` line already says the
+    result is not to be trusted (results.json keeps the list). An interrupted one leaves out "not
+    converged": the CLI's note says where it stopped.
+    """
+    if result.status in FAILED:
+        return
+    for text in result.warnings:
+        if result.status == "interrupted" and text.startswith("not converged"):
+            continue
+        print(f"warning: {text}", file=sys.stderr)
 
 
 def write_outputs(result: FitResult, folder: Path, report: bool) -> list[Path]:

@@ -7,16 +7,18 @@ data, the same ``torch.randn(3)`` starting parameters drawn after it, the same l
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import datasets
 from .fitting import fit
 from .models import Model
-from .plots import plot_dataset, plot_history, plot_prediction
+from .plots import plot_after_training, plot_dataset, plot_history, plot_prediction
 from .results import FitResult
 
 TRUE_PARAMS = {"a": 20.0, "b": 5.0, "c": -3.0}
@@ -64,6 +66,12 @@ def least_squares_optimum(x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, f
     return dict(zip("abc", solution.tolist(), strict=True)), mse
 
 
+def optimum_curve(optimum: dict[str, float]) -> Callable[[np.ndarray], np.ndarray]:
+    """The least-squares quadratic as a function of x, in float64."""
+    coefficients = [optimum[n] for n in "abc"]  # a*x**2 + b*x + c, highest power first
+    return lambda x: np.polyval(coefficients, np.asarray(x, dtype=float))
+
+
 def run_demo(
     *,
     seed: int | None = None,
@@ -87,18 +95,23 @@ def run_demo(
 
 
 def write_demo(run: DemoRun, out: Path) -> list[Path]:
-    """The post's four figures and ``results.json`` into ``out``."""
+    """The post's four figures and ``results.json`` into ``out``.
+
+    The fourth figure adds the least-squares optimum and the residuals to the post's plot, so
+    that a loop stopping short of the optimum is visible.
+    """
     import json
 
     from .files import write_text_atomic
 
     x, y = run.x, run.y
     before = f(x, run.initial)
-    after = run.result.predict(x)
     return [
         plot_dataset(x, y, out / "dataset.png"),
         plot_prediction(x, y, before, "Before training", out / "before_training.png"),
         plot_history(run.result.history, out / "history.png", ylabel="MSE"),
-        plot_prediction(x, y, after, "After training", out / "after_training.png"),
+        plot_after_training(
+            x, y, run.result.predict, optimum_curve(run.optimum), out / "after_training.png"
+        ),
         write_text_atomic(out / "results.json", json.dumps(run.to_dict(), indent=2) + "\n"),
     ]

@@ -118,7 +118,9 @@ def fit(
     problem = Problem(model, data.x, data.y, loss_fn, space)
     theta = space.to_theta(p_start.unsqueeze(0))[0]
     lr = learning_rate(optimizer, lr)
-    identity = checkpoints.identify(problem, optimizer, lr) if checkpoint or resume else {}
+    identity = {}
+    if checkpoint or resume:  # tol and the start decide the result as much as the model does
+        identity = checkpoints.identify(problem, optimizer, lr, tol=tol, p0=p_start)
     if resume is not None:
         state = checkpoints.load_checkpoint(resume, identity, theta.device)
     else:
@@ -131,7 +133,7 @@ def fit(
         outcome = _optimise(problem, state, optimizer, lr, epochs, tol, hooks)
     if checkpoint is not None and outcome.status != "diverged":  # resumable where it stopped
         checkpoints.save_checkpoint(checkpoint, state, identity)
-    return _result(problem, outcome, optimizer, data.n_omitted, absolute_sigma)
+    return _result(problem, outcome, optimizer, data.n_omitted, absolute_sigma, p_start)
 
 
 def check_model_name(text: str, independent: Sequence[str] = ("x",)) -> None:
@@ -232,14 +234,26 @@ def _optimise(
         return run_lm(problem, state, max_iter=epochs, tol=tol, hook=hook)
     assert lr is not None
     if optimizer == "lbfgs":
-        return run_lbfgs(problem, state, lr=lr, epochs=epochs or 100, tol=tol or 1e-12, hook=hook)
+        return run_lbfgs(
+            problem,
+            state,
+            lr=lr,
+            epochs=epochs or 100,
+            tol=1e-12 if tol is None else tol,
+            hook=hook,
+        )
     step = FIRST_ORDER[optimizer](lr=lr)
     state.optimizer_state = checkpoints.restore_into(step.init(state.theta), state.optimizer_state)
     return run_loop(problem, state, step, epochs=epochs or 15_000, tol=tol, hook=hook)
 
 
 def _result(
-    problem: Problem, outcome: LoopOutcome, optimizer: str, n_omitted: int, absolute_sigma: bool
+    problem: Problem,
+    outcome: LoopOutcome,
+    optimizer: str,
+    n_omitted: int,
+    absolute_sigma: bool,
+    start: Tensor,
 ) -> FitResult:
     space, model = problem.space, problem.model
     theta = outcome.theta.detach()
@@ -264,8 +278,8 @@ def _result(
     scale = 1.0 if absolute_sigma else fit_stats["reduced_chi2"]  # as curve_fit: sigma=1 if unset
     if not math.isfinite(float(scale)):
         scale = math.inf
-    cov_free = stats.covariance(J_free, scale)
-    cov = torch.as_tensor(cov_free, device=params.device)
+    estimability = stats.estimability(J_free)
+    cov = torch.as_tensor(stats.scaled(estimability.covariance, scale), device=params.device)
     if len(free) < P:  # fixed parameters: zero rows and columns
         full = torch.zeros(P, P, dtype=params.dtype, device=params.device)
         full[[[i] for i in free], free] = cov
@@ -280,6 +294,8 @@ def _result(
         statistics=fit_stats,
         n_omitted=n_omitted,
         absolute_sigma=absolute_sigma,
+        start=start,
+        estimability=estimability,
     )
 
 

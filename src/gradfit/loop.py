@@ -59,16 +59,32 @@ class LoopState:
             self.best_theta = self.theta.detach().clone()
 
 
+#: One status vocabulary for ``fit``, ``fit_batch`` and ``fit-many``: why a fit stopped. The
+#: ``message`` beside a status says more and never repeats the status word.
+STATUSES = {
+    "converged": "a convergence test passed (tol; LM: ftol, xtol or gtol)",
+    "max_iter": "the epoch (LM: iteration) limit stopped it before any convergence test passed",
+    "diverged": "the loss became non-finite; the best parameters seen are kept",
+    "interrupted": "the hook (a signal, a callback) asked it to stop",
+    "singular": "LM could not solve its damped normal equations even at the largest damping",
+    "non_finite": "the residuals or Jacobian were not finite at the start",
+    "too_few_points": "fewer valid points than free parameters (fit_batch: no fit)",
+    "no_data": "no valid points at all (fit_batch, fit-many: no fit)",
+}
+FAILED = ("diverged", "singular", "non_finite")  # no answer to trust: the CLI exits 3
+
+
 @dataclass
 class LoopOutcome:
     theta: Tensor
     loss: float
     history: list[float] = field(default_factory=list)
-    status: str = "max_epochs"  # converged | max_epochs | diverged | interrupted
+    status: str = "max_iter"  # one of STATUSES
     message: str = ""
     # [J; r] (P_free + 1, N) at theta, divided by sigma, J in the model's own parameters, when
     # the solver has them (compiled LM): the statistics then need no new evaluation
     rows: Any = None
+    n_eval: int | None = None  # model evaluations (Levenberg–Marquardt), as SciPy's nfev
 
     @property
     def converged(self) -> bool:
@@ -103,8 +119,10 @@ def run_loop(
     best_loss, best_theta = state.best_loss, state.best_theta
     before = theta.detach().clone()  # the parameters this epoch's loss belongs to
     check_change = tol is not None and tol >= 0
-    status, message = "max_epochs", f"stopped after the maximum of {epochs} epochs"
+    status, message = "max_iter", f"stopped after the maximum of {epochs} epochs"
     done = state.epoch  # epochs completed, across resumed runs
+    if check_change and _small_change(history, tol):  # resumed where a converged run stopped
+        return _finish(problem, state, "converged", f"relative loss change below tol={tol}")
     for epoch in range(state.epoch, epochs):
         before.copy_(theta.data)
         loss = apply_step(problem, theta, optimizer, opt_state).item()
@@ -121,7 +139,7 @@ def run_loop(
         if hook is not None:
             state.epoch, state.best_loss, state.best_theta = done, best_loss, best_theta
             if hook(epoch, loss):
-                status, message = "interrupted", f"interrupted after epoch {epoch}"
+                status, message = "interrupted", f"the hook asked to stop after epoch {epoch}"
                 break
     state.epoch, state.best_loss, state.best_theta = done, best_loss, best_theta
     return _finish(problem, state, status, message)
@@ -153,7 +171,9 @@ def run_lbfgs(
         return loss
 
     before = theta.detach().clone()
-    status, message = "max_epochs", f"stopped after the maximum of {epochs} epochs"
+    status, message = "max_iter", f"stopped after the maximum of {epochs} epochs"
+    if _small_change(history, tol):  # resumed where a converged run stopped: stop there again
+        return _finish(problem, state, "converged", f"relative loss change below tol={tol}")
     for epoch in range(state.epoch, epochs):
         before.copy_(theta.data)
         loss = float(optimizer.step(closure).detach())  # the loss before this step's line searches
@@ -169,7 +189,7 @@ def run_lbfgs(
             status, message = "converged", f"relative loss change below tol={tol}"
             break
         if hook is not None and hook(epoch, loss):
-            status, message = "interrupted", f"interrupted after epoch {epoch}"
+            status, message = "interrupted", f"the hook asked to stop after epoch {epoch}"
             break
     return _finish(problem, state, status, message)
 

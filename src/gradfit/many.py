@@ -11,19 +11,26 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .batch import batch_optimizer, default_chunk_size, fit_batch
-from .batch_result import BatchResult
+from .batch_result import NO_DATA, STATUS_NAMES, BatchResult
+from .checkpoint import data_hashes, mismatch, model_identity, plain
 from .data import NAN_POLICIES, read_raw_table, to_float
 from .errors import DataError, OptionError
 from .files import check_parent, write_text_atomic
 from .losses import get_loss
 from .models import Model
+from .optim import learning_rate
+from .parameters import ParameterSpace
 from .result_stream import SUFFIXES as OUTPUT_SUFFIXES
+
+#: status of a group with no valid point; until batch_result names a ``no_data`` code, such
+#: groups are marked ``too_few_points`` (as fit_batch marks them)
 
 
 def pack_groups(
@@ -99,11 +106,48 @@ def read_long(
             )
         finite &= ~bad
     if not finite.all():
-        print(f"note: --nan-policy omit dropped {int((~finite).sum())} rows with NaN or inf",
-              file=sys.stderr)  # fmt: skip
-        keys = keys[finite]
-        columns = {name: values[finite] for name, values in columns.items()}
+        return _omit_rows(np.asarray(keys), columns, finite)
     return pack_groups(np.asarray(keys), columns)
+
+
+def _omit_rows(
+    keys: np.ndarray, columns: dict[str, np.ndarray], finite: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``--nan-policy omit``: pack the finite rows; a group left with none keeps its row."""
+    kept, packed = pack_groups(keys[finite], {n: v[finite] for n, v in columns.items()})
+    every, packed = _with_empty_groups(keys, kept, packed)
+    n_empty = len(every) - len(kept)
+    groups = "1 group has" if n_empty == 1 else f"{n_empty} groups have"
+    empty = f"; {groups} no valid point left (status {STATUS_NAMES[NO_DATA]})"
+    print(f"note: --nan-policy omit dropped {int((~finite).sum())} rows with NaN or inf"
+          f"{empty if n_empty else ''}", file=sys.stderr)  # fmt: skip
+    return every, packed
+
+
+def _with_empty_groups(
+    keys: np.ndarray, kept: np.ndarray, packed: dict[str, np.ndarray]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every group of ``keys`` in the file's first-seen order (whichever rows were omitted);
+    those not in ``kept`` (all their rows were omitted) as all-NaN rows, so they keep a row in
+    the output (status no_data) instead of vanishing.
+
+    Example:
+        >>> keys = np.array(["a", "b", "c"])
+        >>> every, packed = _with_empty_groups(keys, keys[[0, 2]], {"y": np.array([[1.0], [3.0]])})
+        >>> every.tolist(), packed["y"].tolist()
+        (['a', 'b', 'c'], [[1.0], [nan], [3.0]])
+    """
+    unique, first = np.unique(keys, return_index=True)
+    every = unique[np.argsort(first, kind="stable")]  # the file's group order
+    if len(every) == len(kept) and (every == kept).all():
+        return kept, packed
+    sorter = np.argsort(every, kind="stable")
+    rows = sorter[np.searchsorted(every, kept, sorter=sorter)]  # each kept group's new row
+    widened = {}
+    for name, values in packed.items():
+        widened[name] = np.full((len(every), values.shape[1]), np.nan)
+        widened[name][rows] = values
+    return every, widened
 
 
 def read_wide(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -162,13 +206,21 @@ def run_fit_many(
     chunk_size = chunk_size or default_chunk_size(
         packed["y"].shape[1], len(model.param_names), options.get("device")
     )
-    parts = _PartStore(out, resume=resume, chunk_size=chunk_size, n_curves=len(keys))
+    if resume and not overwrite and out.exists() and not _PartStore.folder_of(out).exists():
+        raise OptionError(
+            f"--resume: {out} is complete (no {_PartStore.folder_of(out).name}/ left to "
+            "continue); use --overwrite to fit again"
+        )
+    identity = run_identity(model, keys, packed, options)
+    parts = _PartStore(out, resume=resume, chunk_size=chunk_size, identity=identity)
     stopped = stop or (lambda: False)
     try:
         fit_batch(
             model, packed["x"], packed["y"], sigma=packed.get("sigma"),
             chunk_size=parts.chunk_size,
-            on_chunk=lambda start, chunk: parts.write(start, chunk, keys, group or "curve"),
+            on_chunk=lambda start, chunk: parts.write(
+                start, _mark_no_data(chunk), keys, group or "curve"
+            ),
             skip_chunk=lambda start, stop: parts.done(start, stop) or stopped(), **options,
         )  # fmt: skip
     except Exception:
@@ -181,24 +233,47 @@ def run_fit_many(
     final.optimizer = batch_optimizer(
         options.get("optimizer", "lm"), get_loss(options.get("loss", "mse"))
     )
+    final.fixed = tuple(options.get("fixed") or ())  # the parts' tables do not carry it
     final.save(out)
     parts.clean()
     return final
 
 
-class _PartStore:
-    """Finished chunks as Parquet files in ``<out>.parts/``, with the chunking in a manifest."""
+def run_identity(
+    model: Model, keys: np.ndarray, packed: dict[str, np.ndarray], options: dict[str, Any]
+) -> dict[str, Any]:
+    """What a parts folder belongs to: model, options and a hash of each data array.
 
-    def __init__(self, out: Path, *, resume: bool, chunk_size: int, n_curves: int) -> None:
-        self.folder = out.with_name(out.name + ".parts")
+    Every option that changes a row is here, ``epochs`` included (finished chunks are not
+    continued, so rows fitted under other limits would mix); ``device``, ``chunk_size`` (the
+    folder's own is kept) and the progress bar may change on resume.
+    """
+    loss = get_loss(options.get("loss", "mse"))
+    optimizer = batch_optimizer(options.get("optimizer", "lm"), loss)
+    space = ParameterSpace.build(model.param_names, options.get("bounds"), options.get("fixed"))
+    identity = model_identity(model, space)
+    identity |= {"loss": loss.name, "f_scale": float(options.get("f_scale", 1.0))}
+    identity |= {"optimizer": optimizer, "lr": learning_rate(optimizer, options.get("lr"))}
+    for name in ("epochs", "tol", "p0"):
+        identity[name] = plain(options.get(name))
+    identity["absolute_sigma"] = bool(options.get("absolute_sigma", False))
+    identity["dtype"] = str(options.get("dtype") or "torch.float64")
+    identity["data"] = data_hashes({"keys": keys, **packed})
+    return json.loads(json.dumps(identity))  # as the manifest reads it back
+
+
+class _PartStore:
+    """Finished chunks as Parquet files in ``<out>.parts/``; the manifest holds the chunking
+    and the run's identity, so ``--resume`` continues only the same run."""
+
+    def __init__(
+        self, out: Path, *, resume: bool, chunk_size: int, identity: dict[str, Any]
+    ) -> None:
+        self.folder = self.folder_of(out)
         manifest = self.folder / "manifest.json"
         if resume and manifest.exists():
             saved = json.loads(manifest.read_text())
-            if saved["n_curves"] != n_curves:
-                raise OptionError(
-                    f"--resume: {self.folder} was written for {saved['n_curves']} curves, "
-                    f"this data has {n_curves}"
-                )
+            self._check(saved.get("identity"), identity)
             self.chunk_size = int(saved["chunk_size"])
             return
         if self.folder.exists():
@@ -206,8 +281,25 @@ class _PartStore:
         self.folder.mkdir(parents=True)
         self.chunk_size = chunk_size
         write_text_atomic(
-            manifest, json.dumps({"n_curves": n_curves, "chunk_size": self.chunk_size})
+            manifest, json.dumps({"chunk_size": self.chunk_size, "identity": identity})
         )
+
+    @staticmethod
+    def folder_of(out: Path) -> Path:
+        return out.with_name(out.name + ".parts")
+
+    def _check(self, saved: dict[str, Any] | None, identity: dict[str, Any]) -> None:
+        if saved is None:  # an older gradfit's folder: it recorded no options to compare
+            raise OptionError(
+                f"--resume: {self.folder} does not record the options it was fitted with "
+                "(an older gradfit wrote it); drop --resume to start over"
+            )
+        different = mismatch(saved, identity)
+        if different is not None:  # refused before anything is written or removed
+            raise OptionError(
+                f"--resume: {self.folder} was written for {different}; resume with the "
+                "original options, or drop --resume to start over"
+            )
 
     def _path(self, start: int) -> Path:
         return self.folder / f"part-{start:012d}.parquet"
@@ -233,6 +325,24 @@ class _PartStore:
     def clean_if_empty(self) -> None:
         if not any(self.folder.glob("part-*.parquet")):
             self.clean()
+
+
+def _mark_no_data(chunk: BatchResult) -> BatchResult:
+    """Curves without a single valid point: status no_data, NaN for every estimate."""
+    empty = chunk.n_points == 0
+    if not bool(empty.any()):
+        return chunk
+    row = empty.unsqueeze(-1)
+    return replace(
+        chunk,
+        params=chunk.params.masked_fill(row, np.nan),
+        stderr=chunk.stderr.masked_fill(row, np.nan),
+        loss=chunk.loss.masked_fill(empty, np.nan),
+        reduced_chi2=chunk.reduced_chi2.masked_fill(empty, np.nan),
+        r2=chunk.r2.masked_fill(empty, np.nan),
+        n_iter=chunk.n_iter.masked_fill(empty, 0),
+        status=chunk.status.masked_fill(empty, NO_DATA),
+    )
 
 
 def _from_table(table: Any, key_name: str) -> BatchResult:

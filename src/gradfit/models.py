@@ -1,5 +1,9 @@
 """Models ``f(x, params)`` with named parameters: functions, expressions, built-ins, modules.
 
+Python functions come in two forms: SciPy's ``f(x, a, k, c)``, whose signature names the
+parameters (as ``curve_fit`` and lmfit read it), and the post's ``f(x, params)`` with the names
+given as ``Model(f, params=[...])``.
+
 Every model is called like the post's ``f(x, params)``. ``params`` is a tensor whose last
 dimension holds the parameters in ``param_names`` order; leading dimensions are curves
 (``[P]`` for one fit, ``[K, P]`` for ``K`` fits at once).
@@ -8,6 +12,8 @@ dimension holds the parameters in ``param_names`` order; leading dimensions are 
 from __future__ import annotations
 
 import functools
+import inspect
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -22,7 +28,7 @@ from .program import Program
 
 Tensor = torch.Tensor
 Variables = Tensor | Mapping[str, Tensor]
-GuessFn = Callable[[Tensor, Tensor], Tensor]
+GuessFn = _guesses.Guess  # guess(x, y, mask=None) -> [..., P]
 
 
 class Model:
@@ -30,10 +36,22 @@ class Model:
 
     Args:
         spec: an expression string (``"a*exp(-k*t)+c"``), a built-in name (``"gaussian"``,
-            ``"polynomial3"``), a Python function ``f(x, params)`` or a ``torch.nn.Module``.
-        params: parameter names of a Python function (required there), in the order
-            ``f`` unpacks them.
+            ``"polynomial3"``), a Python function (``f(x, a, k, c)`` or ``f(x, params)``, see
+            below) or a ``torch.nn.Module``.
+        params: parameter names of a function ``f(x, params)`` (required there), in the order
+            ``f`` unpacks them; for an expression, the order of the parameter vector.
         independent: name(s) of the independent variable(s) in an expression.
+
+    Which form a function is in, read from its signature:
+
+    * ``f(x, params)``, the vector form, when its only parameters are ``x`` and one named
+      ``params``, ``p`` or ``theta``; or when ``params=`` is given and the signature does not
+      list exactly those names after ``x`` (so any ``f(x, w)`` with ``params=`` works as before).
+    * ``f(x, a, k, c)``, SciPy's form, otherwise: every positional parameter after ``x`` is a
+      model parameter, in signature order (``p0`` as a sequence follows it). A numeric default
+      (``c=0.0``) is that parameter's starting value (as in lmfit); others start at 1 (as in
+      ``curve_fit``). Keyword-only parameters with defaults are left alone; ``*args``, required
+      keyword-only parameters and non-numeric defaults are refused with a ``ModelError``.
 
     Example:
         >>> m = Model("a*x**2 + b*x + c")
@@ -41,6 +59,10 @@ class Model:
         ('a', 'b', 'c')
         >>> m(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 0.0, -1.0])).tolist()
         [-1.0, 0.0, 3.0]
+        >>> def decay(t, a, k, c=0.0):
+        ...     return a * torch.exp(-k * t) + c
+        >>> Model(decay)
+        Model('decay(t, a, k, c)', params=['a', 'k', 'c'])
     """
 
     def __init__(
@@ -55,6 +77,7 @@ class Model:
         self.module: nn.Module | None = None
         self.guess_fn: GuessFn | None = None
         self._fn: Callable[..., Tensor]
+        self._defaults: tuple[float, ...] | None = None  # a SciPy-style function's starts
         if isinstance(spec, str) and (builtin := get_builtin(spec)) is not None:
             self.__dict__.update(builtin.__dict__)
         elif isinstance(spec, str):
@@ -92,14 +115,29 @@ class Model:
         self.name = self.formula
 
     def _init_function(self, fn: Callable[..., Tensor], params: Sequence[str] | None) -> None:
-        if params is None:
-            raise ModelError("a function model needs its parameter names: Model(f, params=[...])")
-        if len(params) == 0 or len(set(params)) != len(params):
-            raise ModelError(f"parameter names must be unique and non-empty, got {list(params)}")
-        self._fn = fn
-        self.param_names = tuple(params)
-        self.name = getattr(fn, "__name__", "f")
-        self.formula = f"{self.name}(x, params)"
+        self.name = getattr(fn, "__name__", type(fn).__name__)
+        signature = _function_signature(fn, self.name, params)
+        if signature is None:  # the vector form f(x, params)
+            if params is None:
+                raise ModelError(
+                    f"{self.name}(x, params) takes its parameters as one vector: name them with "
+                    "Model(f, params=[...]), or write f(x, a, b, ...) with one argument each"
+                )
+            if len(params) == 0 or len(set(params)) != len(params):
+                raise ModelError(
+                    f"parameter names must be unique and non-empty, got {list(params)}"
+                )
+            self._fn = fn
+            self.param_names = tuple(params)
+            self.formula = f"{self.name}(x, params)"
+            return
+        x_name, *names = signature.parameters
+        self._fn = _spread(fn)
+        self.param_names = tuple(names)
+        defaults = [signature.parameters[n].default for n in names]
+        if any(d is not inspect.Parameter.empty for d in defaults):
+            self._defaults = tuple(1.0 if d is inspect.Parameter.empty else d for d in defaults)
+        self.formula = f"{self.name}({x_name}, {', '.join(names)})"
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -202,7 +240,10 @@ class Model:
     # -- starting values --------------------------------------------------------------------
 
     def initial_params(self, dtype: torch.dtype | None = None) -> Tensor | None:
-        """The module's current parameters as one flat vector, else None."""
+        """A module's current parameters as one flat vector, a SciPy-style function's numeric
+        defaults (1 where it has none), else None."""
+        if self._defaults is not None:
+            return torch.tensor(self._defaults, dtype=dtype or torch.float64)
         if self.module is None:
             return None
         flat = torch.cat(
@@ -218,6 +259,99 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.formula!r}, params={list(self.param_names)})"
+
+
+VECTOR_NAMES = ("params", "p", "theta")  # f(x, params): the second argument is the vector
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _function_signature(
+    fn: Callable[..., Tensor], name: str, params: Sequence[str] | None
+) -> inspect.Signature | None:
+    """SciPy form: the signature cut to ``x`` and the fitted parameters; None: vector form.
+
+    The rule is in ``Model``'s docstring.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C functions hide their signature
+        if params is None:
+            raise ModelError(
+                f"cannot read the signature of {name}; name its parameters with "
+                "Model(f, params=[...]) for f(x, params)"
+            ) from None
+        return None
+    every = list(signature.parameters.values())
+    positional = [p for p in every if p.kind in _POSITIONAL]
+    if len(positional) == 2 and positional[1].name in VECTOR_NAMES:
+        return None
+    listed = tuple(p.name for p in positional[1:])
+    if params is not None and (not params or listed != tuple(params)):
+        _check_vector_form(name, signature, listed)
+        return None  # f(x, w) with its names given: the vector form, as before
+    _check_scipy_form(name, signature, positional)
+    return signature.replace(parameters=positional)
+
+
+def _check_vector_form(name: str, signature: inspect.Signature, listed: tuple[str, ...]) -> None:
+    """``params=`` given for a function that cannot be called as ``f(x, params)``."""
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise ModelError(
+            f"{name}{signature} takes its parameters one by one ({', '.join(listed)}): leave "
+            "out params=, or list exactly those names"
+        ) from None
+
+
+def _check_scipy_form(
+    name: str, signature: inspect.Signature, positional: list[inspect.Parameter]
+) -> None:
+    """Refuse what a parameter list cannot name: ``*args``, required keyword-only arguments,
+    no parameter after ``x``, non-numeric defaults."""
+    shown = f"{name}{signature}"
+    every = list(signature.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in every):
+        raise ModelError(
+            f"{shown}: *args cannot name the parameters; list them, def f(x, a, b): ..., "
+            "or take one vector, f(x, params), with Model(f, params=[...])"
+        )
+    required = [
+        p.name
+        for p in every
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+    ]
+    if required:
+        raise ModelError(
+            f"{shown}: keyword-only parameters ({', '.join(required)}) are not fitted and have "
+            "no default; make them positional, def f(x, a, k), to fit them, or give defaults"
+        )
+    if len(positional) < 2:
+        raise ModelError(
+            f"{shown} has no parameters to fit: write f(x, a, b, ...) or f(x, params) with "
+            "Model(f, params=[...])"
+        )
+    for p in positional[1:]:
+        default = p.default
+        if default is not inspect.Parameter.empty and not _is_number(default):
+            raise ModelError(
+                f"{shown}: parameter {p.name!r} has the non-numeric default {default!r}; every "
+                "positional parameter after x is fitted (make it keyword-only to keep it out)"
+            )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _spread(fn: Callable[..., Tensor]) -> Callable[[Variables, Tensor], Tensor]:
+    """``f(x, a, k, c)`` called as ``f(x, params)``: one 0-d tensor per parameter."""
+
+    @functools.wraps(fn)
+    def call(x: Variables, params: Tensor) -> Tensor:
+        return fn(x, *params.unbind(-1))
+
+    return call
 
 
 def _broadcast(value: Tensor | float, shape: tuple[int, ...], like: Tensor) -> Tensor:

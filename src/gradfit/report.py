@@ -21,9 +21,16 @@ def parameter_rows(result: Any) -> list[tuple[str, str, str, str, str]]:
     for name in result.param_names:
         value, err = result.params[name], result.stderr[name]
         relative = "" if err is None or value == 0 else f"{100 * abs(err / value):.3g}%"
-        note = "fixed" if name in result.fixed else ("at bound" if name in result.at_bound else "")
-        rows.append((name, _fmt(value), _fmt(err), relative, note))
+        rows.append((name, _fmt(value), _fmt(err), relative, _note(result, name, err)))
     return rows
+
+
+def _note(result: Any, name: str, err: float | None) -> str:
+    if name in result.fixed:
+        return "fixed"
+    if name in result.at_bound:
+        return "at bound"
+    return "not estimable" if err is None else ""
 
 
 def strong_correlations(result: Any, threshold: float = 0.5) -> list[tuple[str, str, float]]:
@@ -42,7 +49,7 @@ def statistic_rows(result: Any) -> list[tuple[str, str]]:
     return [
         ("model", getattr(result.model, "formula", str(result.model))),
         ("loss", f"{result.loss_name} = {_fmt(result.loss)}"),
-        ("optimizer", f"{result.optimizer}, {result.n_iter} iterations"),
+        ("optimizer", f"{result.optimizer}, {result.n_iter} {_steps(result)}"),
         ("status", f"{result.status}: {result.message}"),
         ("points", f"{result.n_points} (omitted {result.n_omitted}), dof {result.dof}"),
         ("chi-square", _fmt(result.chi2)),
@@ -56,9 +63,14 @@ def statistic_rows(result: Any) -> list[tuple[str, str]]:
     ]
 
 
+def _steps(result: Any) -> str:
+    return "iterations" if result.optimizer == "lm" else "epochs"
+
+
 def text_report(result: Any) -> str:
-    """The report as aligned plain text."""
-    lines = ["[[Parameters]]"]
+    """The report as aligned plain text: the warnings first, then the parameters."""
+    lines = ["[[Warnings]]", *(f"  {w}" for w in result.warnings)] if result.warnings else []
+    lines.append("[[Parameters]]")
     rows = parameter_rows(result)
     width = max(len(r[0]) for r in rows)
     for name, value, err, relative, note in rows:
@@ -88,6 +100,8 @@ def html_report(result: Any, figures: list[Path]) -> str:
         f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{c:+.4f}</td></tr>"
         for a, b, c in strong_correlations(result)
     )
+    warnings = "".join(f"<li>{esc(w)}</li>" for w in result.warnings)
+    warnings = f'<h2>Warnings</h2><ul class="warnings">{warnings}</ul>' if warnings else ""
     images = "".join(
         f'<figure><img alt="{esc(p.stem)}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode("ascii")}"></figure>'
@@ -98,8 +112,9 @@ def html_report(result: Any, figures: list[Path]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>gradfit report</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.3em .6em;
-text-align:left}}img{{max-width:100%}}</style></head><body>
+text-align:left}}img{{max-width:100%}}.warnings{{color:#a40000}}</style></head><body>
 <h1>gradfit report</h1>
+{warnings}
 <h2>Parameters</h2><table><tr><th>name</th><th>value</th><th>stderr</th><th>relative</th>
 <th></th></tr>{params}</table>
 <h2>Strong correlations</h2><table>{corr or "<tr><td>none above 0.5</td></tr>"}</table>

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from . import stats
+from .diagnosis import diagnose
 from .files import write_text_atomic
 
 Tensor = torch.Tensor
@@ -26,9 +27,12 @@ def _number(value: float) -> float | None:
 class FitResult:
     """The outcome of ``gradfit.fit``.
 
-    ``params``, ``stderr``: name -> value (stderr None for fixed parameters or when the
-    covariance cannot be estimated); ``covariance``, ``correlation``: ``[P, P]`` tensors in
-    ``param_names`` order; ``history``: the loss per epoch (LM: per iteration).
+    ``params``, ``stderr``: name -> value (stderr None for fixed parameters and for those the
+    data do not determine); ``covariance``, ``correlation``: ``[P, P]`` tensors in
+    ``param_names`` order (NaN where not estimable); ``history``: the loss per epoch (LM: per
+    iteration). ``warnings``: plain sentences on why the result may not be trusted (not
+    converged, parameters that cannot be told apart or ran away, at a bound); empty when all
+    is well.
     """
 
     params: dict[str, float]
@@ -56,6 +60,8 @@ class FitResult:
     n_omitted: int = 0
     at_bound: tuple[str, ...] = ()
     fixed: tuple[str, ...] = ()
+    warnings: list[str] = field(default_factory=list)
+    n_eval: int | None = None  # model evaluations (Levenberg–Marquardt; SciPy's nfev)
     data: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -71,6 +77,8 @@ class FitResult:
         statistics: dict[str, Tensor],
         n_omitted: int,
         absolute_sigma: bool,
+        start: Tensor | None = None,
+        estimability: stats.Estimability | None = None,
     ) -> FitResult:
         space = problem.space
         names = space.names
@@ -79,7 +87,7 @@ class FitResult:
         sd = stats.stderr_from(cov)
         fixed = tuple(n for n, v in zip(names, space.fixed, strict=True) if v is not None)
         at_bound = space.at_bound(params)
-        return cls(
+        result = cls(
             params={n: float(v) for n, v in zip(names, params.tolist(), strict=True)},
             stderr={
                 n: (None if n in fixed or not math.isfinite(s) else s)
@@ -91,6 +99,7 @@ class FitResult:
             loss=outcome.loss,
             history=outcome.history,
             n_iter=len(outcome.history),
+            n_eval=outcome.n_eval,
             converged=outcome.converged,
             status=outcome.status,
             message=outcome.message,
@@ -110,6 +119,9 @@ class FitResult:
             fixed=fixed,
             data={"x": problem.x, "y": problem.y, "sigma": problem.loss.sigma},
         )
+        if start is not None and estimability is not None:
+            result.warnings = diagnose(result, problem, start.tolist(), estimability)
+        return result
 
     @property
     def values(self) -> Tensor:
@@ -157,9 +169,11 @@ class FitResult:
             "loss_name": self.loss_name,
             "optimizer": self.optimizer,
             "n_iter": self.n_iter,
+            "n_eval": self.n_eval,
             "converged": self.converged,
             "status": self.status,
             "message": self.message,
+            "warnings": list(self.warnings),
             "n_points": self.n_points,
             "n_omitted": self.n_omitted,
             "dof": self.dof,

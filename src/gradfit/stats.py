@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,25 +46,144 @@ def _quiet(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def estimability_tolerance(dtype: Any) -> float:
+    """``tau``: the least share of a parameter's Jacobian column that must lie outside the span
+    of the other columns (column-scaled) for its standard error to mean anything.
+
+    ``10·sqrt(eps)`` (1.5e-7 in float64, 3.5e-3 in float32): the Levenberg–Marquardt kernels and
+    ``fit_batch``'s errors work with ``JᵀJ``, which squares that share, so below ``tau`` the
+    normal-equation pivot of the parameter holds under 100 ulps of signal and its variance has
+    no correct second digit; the fitted value along that direction is rounding as well. The
+    27 NIST StRD problems at their certified solutions stay above 3.9e-5 (Bennett5).
+    """
+    eps = torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) else np.finfo(dtype).eps
+    return 10 * math.sqrt(eps)
+
+
+def max_variance_inflation(dtype: Any) -> float:
+    """``1/tau²``: the largest variance inflation (diagonal of the column-scaled ``(JᵀJ)⁻¹``)
+    of an estimable parameter; see ``estimability_tolerance``."""
+    return estimability_tolerance(dtype) ** -2
+
+
+@dataclass
+class Estimability:
+    """What the SVD of the column-scaled Jacobian says about which parameters the data fix.
+
+    ``covariance``: ``(JᵀJ)⁻¹`` over the resolved directions, NaN in the rows and columns of
+    parameters that are not estimable; ``estimable``, ``no_effect`` ``[..., P]``: the parameter
+    is determined / its Jacobian column is zero (or not finite); ``singular_values`` (relative
+    to the largest) and ``vh`` (rows: right singular vectors) for naming confounded groups.
+    """
+
+    covariance: Array  # [..., P, P]
+    estimable: Array  # [..., P] bool
+    no_effect: Array  # [..., P] bool
+    singular_values: Array  # [..., P], relative to the largest
+    vh: Array  # [..., P, P]
+
+
+@_quiet
+def estimability(J: Array) -> Estimability:
+    """Column-scale ``J`` ``[..., N, P]`` (units drop out), take its SVD, and decide per
+    parameter whether the data determine it.
+
+    A parameter is not estimable when its variance inflation exceeds ``1/tau²`` (see
+    ``estimability_tolerance``) or when it has a share above ``tau`` in a direction whose
+    singular value is rounding (below ``eps·max(N, P)`` of the largest, NumPy's rank cut-off):
+    exact rank deficiency gives such directions noise for singular values, so they are dropped
+    from the covariance rather than inverted.
+
+    Example:
+        >>> x = torch.linspace(0, 1, 5, dtype=torch.float64)
+        >>> J = torch.stack([x, x, torch.ones_like(x)], dim=1)  # a*b*x + c at a = b = 1
+        >>> estimability(J).estimable.tolist()
+        [False, False, True]
+    """
+    xp, info = _xp(J), _finfo(J)
+    tau = estimability_tolerance(J.dtype)
+    norms = (J * J).sum(-2) ** 0.5  # [..., P]
+    usable = xp.isfinite(norms) & (norms > 0)
+    safe = xp.where(usable, norms, 1.0)
+    Js = xp.where(usable[..., None, :], J / safe[..., None, :], 0.0)
+    _, s, vh = xp.linalg.svd(Js, full_matrices=False)
+    relative = s / _at_least(s[..., :1], info.tiny)
+    resolved = relative > info.eps * max(J.shape[-2:])
+    inv_s2 = xp.where(resolved, 1 / _at_least(s * s, info.tiny), 0.0)
+    unit = (vh.mT * inv_s2[..., None, :]) @ vh  # V diag(1/s²) Vᵀ over resolved directions
+    inflation = xp.diagonal(unit, 0, -2, -1)
+    unresolved_share = ((vh * vh) * ~resolved[..., :, None]).sum(-2)  # Σ over those directions
+    estimable = usable & (inflation <= tau**-2) & (unresolved_share <= tau * tau)
+    cov = unit / (safe[..., :, None] * safe[..., None, :])
+    both = estimable[..., :, None] & estimable[..., None, :]
+    cov = xp.where(both, cov, xp.nan)
+    return Estimability(cov, estimable, ~usable, relative, vh)
+
+
+def confounded_groups(e: Estimability, share: float = 0.1) -> list[tuple[int, ...]]:
+    """One fit: the groups of parameters that cannot be told apart (indices, ascending).
+
+    Each small direction (relative singular value below ``tau·sqrt(P)``, which every parameter
+    that is not estimable has weight in) names the non-estimable parameters whose component
+    is at least ``share`` of its largest: they move together along it; groups that share a
+    parameter merge. Parameters without effect (zero columns) are reported on their own.
+    """
+    estimable, no_effect = _as_list(e.estimable), _as_list(e.no_effect)
+    flagged = [not ok and not none for ok, none in zip(estimable, no_effect, strict=True)]
+    if not any(flagged):
+        return []
+    P = len(flagged)
+    small = math.sqrt(P) * estimability_tolerance(e.vh.dtype)
+    groups: list[set[int]] = []
+    for k, relative in enumerate(_as_list(e.singular_values)):
+        if not relative < small:
+            continue
+        weights = [abs(v) if f else 0.0 for v, f in zip(_as_list(e.vh[k]), flagged, strict=True)]
+        top = max(weights)
+        if top > 0:
+            groups = _merge(groups, {i for i, w in enumerate(weights) if w >= share * top})
+    for i in (i for i in range(P) if flagged[i] and not any(i in g for g in groups)):
+        groups.append({i})
+    return sorted(tuple(sorted(g)) for g in groups)
+
+
+def _merge(groups: list[set[int]], new: set[int]) -> list[set[int]]:
+    keep = [g for g in groups if not g & new]
+    return [*keep, new.union(*(g for g in groups if g & new))]
+
+
+def _as_list(a: Array) -> list[Any]:
+    return a.tolist()
+
+
+def estimable_variance(variance: Array, normal_diagonal: Array) -> Array:
+    """``fit_batch``: NaN where ``variance`` (diagonal of ``(JᵀJ)⁻¹`` ``[..., P]``) inflates a
+    parameter beyond ``1/tau²`` (``variance · (JᵀJ)_ii``, the column-scaled diagonal), i.e.
+    where the normal matrix is numerically singular in that parameter's direction."""
+    xp = _xp(variance)
+    inflation = variance * normal_diagonal
+    ok = (variance > 0) & (inflation <= max_variance_inflation(variance.dtype))
+    return xp.where(ok, variance, xp.nan)
+
+
 @_quiet
 def covariance(J: Array, scale: Array | float = 1.0) -> Array:
-    """``scale · (JᵀJ)⁻¹`` via the SVD of ``J`` ``[..., N, P]``; inf where ``J`` is rank-deficient.
+    """``scale · (JᵀJ)⁻¹`` via the SVD of the column-scaled ``J`` ``[..., N, P]``; NaN in the
+    rows and columns of parameters that are not estimable (see ``estimability``).
 
     Example:
         >>> J = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
         >>> covariance(J).diagonal().round(decimals=12).tolist()  # (JᵀJ)⁻¹ of a line design
         [0.833333333333, 0.5]
     """
-    xp = _xp(J)
-    _, s, vh = xp.linalg.svd(J, full_matrices=False)  # s (..., P), vh (..., P, P)
-    eps = _finfo(J).eps * max(J.shape[-2:])
-    singular = (s <= eps * s[..., :1]).any(-1) | ~xp.isfinite(s).all(-1)
-    inv_s2 = xp.where(s > 0, 1 / _at_least(s * s, _finfo(J).tiny), xp.inf)
-    cov = (vh.mT * inv_s2[..., None, :]) @ vh  # V diag(1/s²) Vᵀ
+    return scaled(estimability(J).covariance, scale)
+
+
+def scaled(cov: Array, scale: Array | float) -> Array:
+    """``scale · cov``, one scale per matrix when ``scale`` is an array."""
     if not isinstance(scale, int | float):  # per fit: broadcast over the matrices
         scale = scale[..., None, None]
-    cov = cov * scale
-    return xp.where(singular[..., None, None], xp.inf, cov)
+    return cov * scale
 
 
 def stderr_from(cov: Array) -> Array:
@@ -110,6 +230,32 @@ def goodness(
         "aic": log_term + 2 * n_params,
         "bic": log_term + xp.log(_at_least(n, 1)) * n_params,
     }
+
+
+def remaining_decrease(history: list[float]) -> tuple[float, float] | None:
+    """How fast the loss was still falling when the loop stopped, and how much more it would
+    fall: ``(fall per epoch, remaining fall relative to the loss)``; None when it had stopped
+    falling.
+
+    The last two tenths of the history give two drops, ``d1`` then ``d2``; a loss that falls
+    geometrically has ``d2²/(d1 - d2)`` left (Aitken's extrapolation), one that does not slow
+    down (``d2 >= d1``) has an unknown amount left: inf.
+
+    Example:
+        >>> history = [1 + 0.99**t for t in range(1000)]  # approaches 1 geometrically
+        >>> per_epoch, left = remaining_decrease(history)
+        >>> f"{per_epoch:.2e} {left:.2e}"  # 0.99**999 = 4.4e-05 was left
+        '7.55e-07 4.36e-05'
+    """
+    window = len(history) // 10
+    if window < 1:
+        return None
+    last, middle, first = history[-1], history[-1 - window], history[-1 - 2 * window]
+    d1, d2 = first - middle, middle - last
+    if not d2 > 0:
+        return None
+    left = d2 * d2 / (d1 - d2) if d1 > d2 else math.inf
+    return d2 / window, left / max(abs(last), 1e-300)
 
 
 def student_t_quantile(p: float, dof: float) -> float:

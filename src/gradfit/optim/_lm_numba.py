@@ -27,7 +27,7 @@ _RUNNING, _FTOL, _XTOL, _GTOL, _MAX_ITER, _NON_FINITE, _SINGULAR = (
 SETTINGS = (
     "ftol", "ftol_actual", "noise", "xtol", "gtol", "lambda0", "lambda_min", "lambda_max",
     "accept", "scale_stale", "geodesic_h", "geodesic_alpha", "near_trust", "good_gain",
-    "lambda_stationary", "stationary",
+    "lambda_stationary", "stationary", "max_variance_inflation",
 )  # fmt: skip
 _EPS = float(np.finfo(np.float64).eps)
 NO_BOUND, BOTH, LOWER, UPPER = range(4)
@@ -87,7 +87,7 @@ def fit_curves(value_code, full_code, data, space, robust, tols, max_iter, geode
         elif robust[0] != 0:  # statistics use the plain JᵀJ, not the reweighted one
             _gram(rows, n, hess, vectors[1])
         _statistics(rows, hess, curve, matrices[3], matrices[2], k, variance_out, chi2_out,
-                    r2_out)  # fmt: skip
+                    r2_out, tols[16])  # fmt: skip
         if rows_out.shape[0] > 0:
             for j in range(F + 1):
                 for i in range(n):
@@ -430,8 +430,9 @@ def _stationary(hess, grad, scale, cost2, tols, A, L, w):
 
 
 @numba.njit(**JIT)
-def _statistics(rows, hess, curve, L, W, k, variance_out, chi2_out, r2_out):
-    """χ², R² and the diagonal of (JᵀJ)⁻¹ (as ``batch._curve_statistics``) into row k."""
+def _statistics(rows, hess, curve, L, W, k, variance_out, chi2_out, r2_out, max_inflation):
+    """χ², R² and the diagonal of (JᵀJ)⁻¹ (as ``batch._curve_statistics``) into row k; NaN
+    where it inflates the parameter beyond ``max_inflation`` (``stats.estimable_variance``)."""
     _, ys, ss, n, has_sigma = curve
     F = hess.shape[0]
     r = rows[F]
@@ -449,7 +450,8 @@ def _statistics(rows, hess, curve, L, W, k, variance_out, chi2_out, r2_out):
             acc = 0.0
             for i in range(j, F):
                 acc += W[i, j] * W[i, j]
-            variance_out[k, j] = acc if acc > 0 else math.nan
+            estimable = acc > 0 and acc * hess[j, j] <= max_inflation
+            variance_out[k, j] = acc if estimable else math.nan
     else:
         variance_out[k, :] = math.nan
     mean = 0.0

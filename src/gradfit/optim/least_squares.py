@@ -12,6 +12,7 @@ import torch
 from ..loop import Hook, LoopOutcome, LoopState, Problem
 from . import compiled_lm
 from .lm import (
+    DEFAULT_FTOL,
     DEFAULT_MAX_ITER,
     LMStatus,
     Residuals,
@@ -164,22 +165,39 @@ def run_lm(
         state.best_theta = state.best_theta.clone()  # recorded inside the kernel's inference mode
         state.theta = state.best_theta
     code = int(result.status[0])
-    status, message = _STATUS.get(LMStatus(code), "max_epochs"), describe(code)
+    status, message = _status(code), _message(code, tol, state.epoch)
     if stopped:
-        status, message = "interrupted", f"interrupted after iteration {stopped[0]}"
+        status, message = "interrupted", f"the hook asked to stop after iteration {stopped[0]}"
     final_loss = float(result.cost[0]) * to_loss
-    return LoopOutcome(result.theta[0], final_loss, list(state.history), status, message)
+    return LoopOutcome(
+        result.theta[0], final_loss, list(state.history), status, message,
+        n_eval=int(result.n_eval),
+    )  # fmt: skip
 
 
 _COMPILED_MAX_ITER = 1_000_000  # its history buffer: 8 MB
+#: LM codes in ``loop.STATUSES`` words (``batch_result.STATUS_NAMES`` spells them alike)
 _STATUS = {
     LMStatus.FTOL: "converged",
     LMStatus.XTOL: "converged",
     LMStatus.GTOL: "converged",
-    LMStatus.MAX_ITER: "max_epochs",
-    LMStatus.NON_FINITE: "diverged",
+    LMStatus.MAX_ITER: "max_iter",
+    LMStatus.NON_FINITE: "non_finite",
     LMStatus.SINGULAR: "singular",
 }
+
+
+def _status(code: int) -> str:
+    return _STATUS.get(LMStatus(code), "max_iter")
+
+
+def _message(code: int, tol: float | None, n_iter: int) -> str:
+    """Why LM stopped, with the tolerance it used, without the status word (``describe``
+    starts with "converged: " or "failed: ", which the status already says)."""
+    if code == LMStatus.MAX_ITER:
+        return f"stopped after the maximum of {n_iter} iterations"
+    text = describe(code, ftol=DEFAULT_FTOL if tol is None else tol)
+    return text.split(": ", 1)[-1]
 
 
 def _run_compiled(
@@ -200,8 +218,9 @@ def _run_compiled(
     final_loss = float(fitted.cost[0]) * to_loss
     if final_loss < state.best_loss:  # the kernel's theta is the best point it accepted
         state.best_loss, state.best_theta, state.theta = final_loss, theta, theta
-    status = _STATUS.get(LMStatus(code), "max_epochs")
     assert fitted.rows is not None
+    message = _message(code, options.get("ftol"), state.epoch)
     return LoopOutcome(
-        theta, final_loss, list(state.history), status, describe(code), rows=fitted.rows[0]
-    )
+        theta, final_loss, list(state.history), _status(code), message, rows=fitted.rows[0],
+        n_eval=fitted.n_eval,
+    )  # fmt: skip

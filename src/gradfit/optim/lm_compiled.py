@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import stats
 from ..loop import Problem
 from ..losses import LOSSES
 from ..models import Model
@@ -169,6 +170,8 @@ def _tolerances(ftol: float, xtol: float, gtol: float) -> np.ndarray:
 
 def lm_constant(name: str) -> float:
     """One of ``lm.py``'s constants by the name ``_lm_numba.SETTINGS`` gives it."""
+    if name == "max_variance_inflation":
+        return stats.max_variance_inflation(torch.float64)
     if name in ("lambda_stationary", "stationary"):
         damping, tol = lm.stationary_tolerances(float(np.finfo(np.float64).eps))
         return damping if name == "lambda_stationary" else tol
