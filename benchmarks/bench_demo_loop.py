@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from post_verbatim import run_post
 
-from gradfit.demo import run_demo
+from gradfit.cli.demo import run_demo
 
 
 def interleaved_best(repeats: int, *fns) -> list[float]:

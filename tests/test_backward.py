@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gradfit._backward import backward
+from gradfit.fitting.backward import backward
 
 
 def _gradients(step, dtype):

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 import gradfit as gf
-from gradfit.cli import app
+from gradfit.cli.app import app
 
 runner = CliRunner()
 MODEL = "a*exp(-k*t)+c"

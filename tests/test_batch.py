@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gradfit as gf
-from gradfit.many import pack_groups
+from gradfit.batch.many import pack_groups
 
 GAUSSIAN = "amplitude*exp(-(x - center)**2/(2*width**2)) + offset"
 
@@ -200,7 +200,7 @@ def test_fit_batch_on_cuda_matches_cpu():
 
 
 def test_heap_reuse_nests_and_unwinds_on_errors():
-    from gradfit import _malloc
+    from gradfit.batch import malloc as _malloc
 
     with pytest.raises(RuntimeError), _malloc.reuse_freed_memory():
         with _malloc.reuse_freed_memory():

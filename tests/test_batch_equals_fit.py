@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradfit as gf
-from gradfit.batch_result import CONVERGED
 from gradfit.errors import OptionError
-from gradfit.optim import lm_compiled
+from gradfit.optim.compiled import bridge as lm_compiled
 from gradfit.optim.lm import describe
+from gradfit.results.batch_result import CONVERGED
 
 Array = np.ndarray
 RTOL, ATOL = 1e-9, 1e-12

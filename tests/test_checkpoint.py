@@ -12,9 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 import gradfit as gf
-from gradfit import checkpoint as checkpoints
-from gradfit.checkpoint import CheckpointError, read_checkpoint
-from gradfit.cli import app
+from gradfit.cli.app import app
+from gradfit.fitting import checkpoint as checkpoints
+from gradfit.fitting.checkpoint import CheckpointError, read_checkpoint
 
 QUADRATIC = "a*x**2 + b*x + c"
 EXACT = [  # (optimizer, options): resuming these must reproduce the run exactly

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from gradfit.cli import app
+from gradfit.cli.app import app
 
 runner = CliRunner()
 
@@ -168,7 +168,7 @@ def test_a_diverging_fit_exits_3_and_still_writes_its_results(decay_csv, tmp_pat
 
 
 def test_outputs_are_all_or_nothing(tmp_path):
-    from gradfit.files import output_dir, write_text_atomic, write_with
+    from gradfit.io.files import output_dir, write_text_atomic, write_with
 
     target = write_text_atomic(tmp_path / "results.json", "old")
 

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from gradfit.cli import app
-from gradfit.data import WHITESPACE, TableOptions, parse_delimiter, read_table
+from gradfit.cli.app import app
 from gradfit.errors import OptionError
+from gradfit.io.tables import WHITESPACE, TableOptions, parse_delimiter, read_table
 
 runner = CliRunner()
 T = np.linspace(0, 10, 40)

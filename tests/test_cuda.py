@@ -15,7 +15,7 @@ from nist import load, lre
 from typer.testing import CliRunner
 
 import gradfit as gf
-from gradfit.cli import app
+from gradfit.cli.app import app
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,9 +8,9 @@ import torch
 from post_verbatim import run_post
 from typer.testing import CliRunner
 
-from gradfit.cli import app
-from gradfit.demo import least_squares_optimum, optimum_curve, run_demo, write_demo
-from gradfit.plots import after_training_figure
+from gradfit.cli.app import app
+from gradfit.cli.demo import least_squares_optimum, optimum_curve, run_demo, write_demo
+from gradfit.views.plots import after_training_figure
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 2024])

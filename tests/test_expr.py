@@ -1,4 +1,4 @@
-"""Tests for the safe expression language in ``gradfit.expr``."""
+"""Tests for the safe expression language in ``gradfit.model.expr``."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gradfit import expr as expr_module
 from gradfit.errors import ExpressionError, GradfitError
-from gradfit.expr import Expression, parse_expression
+from gradfit.model import expr as expr_module
+from gradfit.model.expr import Expression, parse_expression
 
 _erf = np.vectorize(math.erf, otypes=[float])
 _HYPOTHESIS = settings(

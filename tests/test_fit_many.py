@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 import gradfit as gf
-from gradfit.cli import app
-from gradfit.many import run_fit_many
+from gradfit.batch.many import run_fit_many
+from gradfit.cli.app import app
 
 runner = CliRunner()
 

@@ -7,14 +7,16 @@ import pytest
 import torch
 
 import gradfit as gf
-from gradfit import batch
-from gradfit.loop import Problem
-from gradfit.losses import get_loss
-from gradfit.models import as_model
-from gradfit.optim import compiled_program, lm_compiled
+from gradfit.batch import fit_batch as batch
+from gradfit.fitting.loop import Problem
+from gradfit.model.losses import get_loss
+from gradfit.model.models import as_model
+from gradfit.model.parameters import ParameterSpace
+from gradfit.optim.compiled import bridge as lm_compiled
+from gradfit.optim.compiled import interpreter as compiled_program
 from gradfit.optim.least_squares import residual_functions
 from gradfit.optim.lm import LMStatus, levenberg_marquardt
-from gradfit.parameters import ParameterSpace
+from gradfit.results.batch_result import TOO_FEW_POINTS
 
 GAUSSIAN = "amplitude*exp(-(x - center)**2/(2*width**2)) + offset"
 # every operation and function the parser accepts, several in derivatives only (sign, powers)
@@ -252,7 +254,7 @@ def test_fit_batch_statistics_equal_the_torch_path(monkeypatch):
         compiled, reference = batch_both_ways(monkeypatch, GAUSSIAN, x, y, p0=p0, **kwargs)
         assert_same_batch(compiled, reference, degenerate=[3, 4])
         assert math.isnan(compiled.r2[4]) and math.isnan(reference.r2[4])
-        assert compiled.status[3] == reference.status[3] == gf.batch_result.TOO_FEW_POINTS
+        assert compiled.status[3] == reference.status[3] == TOO_FEW_POINTS
 
 
 def test_fit_batch_falls_back_where_the_kernel_does_not_apply(monkeypatch):
@@ -309,7 +311,7 @@ def test_fit_gives_the_torch_kernels_result(monkeypatch, options):
 
 
 def test_without_numba_every_fit_takes_the_torch_kernel(monkeypatch):
-    from gradfit import batch
+    from gradfit.batch import fit_batch as batch
     from gradfit.optim import least_squares
 
     for module in (batch, least_squares):

@@ -22,7 +22,8 @@ import torch
 from mgh import CASES, PROBLEMS, REACH_ATOL, REACH_RTOL, Problem, by_name, case_id, reference
 
 import gradfit as gf
-from gradfit.optim import compiled_lm, lm_compiled
+from gradfit.optim import compiled_lm
+from gradfit.optim.compiled import bridge as lm_compiled
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KERNELS = ("compiled", "torch")

@@ -65,7 +65,7 @@ def test_parsed_model_text_matches_the_torch_model(name: str) -> None:
     x = {k: torch.as_tensor(v) for k, v in problem.x.items()}
     expected = torch_model(name)(b, x)
     torch.testing.assert_close(eval_model_text(problem, b, x), expected, rtol=1e-13, atol=0)
-    expr = pytest.importorskip("gradfit.expr")
+    expr = pytest.importorskip("gradfit.model.expr")
     parsed = expr.parse_expression(problem.model, independent=problem.independent)
     values = {f"b{i + 1}": v for i, v in enumerate(b)} | x
     torch.testing.assert_close(parsed.evaluate(values), expected, rtol=1e-13, atol=0)
@@ -73,8 +73,8 @@ def test_parsed_model_text_matches_the_torch_model(name: str) -> None:
 
 @cache
 def fit_with_expression(name: str) -> LMResult:
-    """Both starts again, with residuals and a symbolic Jacobian from ``gradfit.expr``."""
-    expr = pytest.importorskip("gradfit.expr")
+    """Both starts again, with residuals and a symbolic Jacobian from ``gradfit.model.expr``."""
+    expr = pytest.importorskip("gradfit.model.expr")
     problem = load(name)
     parsed = expr.parse_expression(problem.model, independent=problem.independent)
     params = [f"b{i + 1}" for i in range(problem.n_params)]

@@ -7,8 +7,8 @@ from matplotlib.collections import PolyCollection
 from matplotlib.lines import Line2D
 
 import gradfit as gf
-from gradfit.demo import optimum_curve, run_demo
-from gradfit.plots import GRID_POINTS, after_training_figure, fit_figure, plot_fit
+from gradfit.cli.demo import optimum_curve, run_demo
+from gradfit.views.plots import GRID_POINTS, after_training_figure, fit_figure, plot_fit
 
 
 def _decay(seed: int = 0, n: int = 30) -> tuple[np.ndarray, np.ndarray]:

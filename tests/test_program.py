@@ -11,8 +11,8 @@ from hypothesis import assume, given
 from test_expr import _ENV, _HYPOTHESIS, _TREES, _parse_with_some_parameter
 
 from gradfit.errors import ExpressionError
-from gradfit.expr import parse_expression
-from gradfit.program import _VAR, Program
+from gradfit.model.expr import parse_expression
+from gradfit.model.program import _VAR, Program
 
 
 def _compare(text: str, env: dict[str, torch.Tensor]) -> None:

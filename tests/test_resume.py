@@ -22,9 +22,9 @@ import torch
 from typer.testing import CliRunner
 
 import gradfit as gf
-from gradfit.checkpoint import read_checkpoint
-from gradfit.cli import app
-from gradfit.many import run_fit_many
+from gradfit.batch.many import run_fit_many
+from gradfit.cli.app import app
+from gradfit.fitting.checkpoint import read_checkpoint
 
 runner = CliRunner()
 LINEAR = "a*x + b"

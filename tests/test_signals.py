@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import gradfit as gf
-from gradfit.checkpoint import read_checkpoint
-from gradfit.loop import chain_hooks
-from gradfit.signals import stop_on_signals
+from gradfit.cli.signals import stop_on_signals
+from gradfit.fitting.checkpoint import read_checkpoint
+from gradfit.fitting.loop import chain_hooks
 
 
 def raise_at(epoch_to_signal, signum=signal.SIGINT):

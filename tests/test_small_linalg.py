@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gradfit.small_linalg import cholesky, cholesky_inverse, cholesky_solve
+from gradfit.batch.linalg import cholesky, cholesky_inverse, cholesky_solve
 
 
 @pytest.mark.parametrize("P", [1, 2, 3, 4, 6, 10])

@@ -8,7 +8,7 @@ from scipy import optimize
 from scipy import stats as scipy_stats
 
 import gradfit as gf
-from gradfit.stats import student_t_quantile
+from gradfit.results.stats import student_t_quantile
 
 CASES = [
     ("a*exp(-k*x) + c", lambda x, a, k, c: a * np.exp(-k * x) + c, [5.0, 0.8, 1.0], (0, 6)),

@@ -10,11 +10,11 @@ from nist import NAMES, load
 from typer.testing import CliRunner
 
 import gradfit as gf
-from gradfit.batch_result import NOT_CONVERGED, NOT_ESTIMABLE, STATUS_NAMES, BatchResult
-from gradfit.cli import app
-from gradfit.loop import STATUSES
+from gradfit.cli.app import app
+from gradfit.fitting.loop import STATUSES
 from gradfit.optim.least_squares import _STATUS
-from gradfit.stats import estimability, estimability_tolerance
+from gradfit.results.batch_result import NOT_CONVERGED, NOT_ESTIMABLE, STATUS_NAMES, BatchResult
+from gradfit.results.stats import estimability, estimability_tolerance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -243,7 +243,7 @@ def test_batch_nan_stderr_of_free_parameters_only_is_flagged():
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 def test_batch_stderr_of_parameters_that_cannot_be_told_apart_is_nan(compiled, monkeypatch):
-    from gradfit.optim import lm_compiled
+    from gradfit.optim.compiled import bridge as lm_compiled
 
     monkeypatch.setattr(lm_compiled, "ENABLED", compiled)
     x, y = line_data()

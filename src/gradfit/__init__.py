@@ -10,10 +10,9 @@ Example:
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, losses, models
-from .batch import fit_batch
-from .batch_result import BatchResult
-from .errors import (
+from gradfit import datasets
+from gradfit.batch.fit_batch import fit_batch
+from gradfit.errors import (
     CheckpointError,
     DataError,
     DivergenceError,
@@ -22,9 +21,11 @@ from .errors import (
     ModelError,
     OptionError,
 )
-from .fitting import fit
-from .models import Model
-from .results import FitResult
+from gradfit.fitting.fit import fit
+from gradfit.model import losses, models
+from gradfit.model.models import Model
+from gradfit.results.batch_result import BatchResult
+from gradfit.results.fit_result import FitResult
 
 try:
     __version__ = version("gradfit")

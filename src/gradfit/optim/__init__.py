@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from .first_order import Adam, GradientDescent, Momentum
+from gradfit.optim.first_order import Adam, GradientDescent, Momentum
 
 FIRST_ORDER = {"gd": GradientDescent, "sgd": Momentum, "adam": Adam}
 OPTIMIZERS = ("auto", "gd", "sgd", "adam", "lbfgs", "lm")
@@ -18,7 +18,7 @@ def learning_rate(optimizer: str, lr: float | None) -> float | None:
         return None
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     if not lr > 0:
-        from ..errors import OptionError
+        from gradfit.errors import OptionError
 
         raise OptionError(f"lr must be > 0, got {lr}")
     return lr
@@ -27,7 +27,7 @@ def learning_rate(optimizer: str, lr: float | None) -> float | None:
 def check_epochs(epochs: int | None) -> None:
     """Refuse an epoch (LM: iteration) limit below 1; None means the optimizer's default."""
     if epochs is not None and not epochs >= 1:
-        from ..errors import OptionError
+        from gradfit.errors import OptionError
 
         raise OptionError(f"epochs must be >= 1 (or left out for the default), got {epochs}")
 
@@ -43,7 +43,7 @@ def compiled_lm() -> ModuleType | None:
     cache (no writable cache folder: RuntimeError); every fit then runs the PyTorch kernel.
     Imported on first use: Numba takes ~0.2 s to import."""
     try:
-        from . import lm_compiled
+        from gradfit.optim.compiled import bridge as lm_compiled
     except (ImportError, RuntimeError, OSError):
         return None
     return lm_compiled

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from ..loop import Hook, LoopOutcome, LoopState, Problem
-from . import compiled_lm
-from .lm import (
+from gradfit.fitting.loop import Hook, LoopOutcome, LoopState, Problem
+from gradfit.optim import compiled_lm
+from gradfit.optim.lm import (
     DEFAULT_FTOL,
     DEFAULT_MAX_ITER,
     LMStatus,

@@ -1,0 +1,1 @@
+"""Many independent curves at once: ``fit_batch``, ``fit-many`` over tables, streamed output."""

@@ -1,0 +1,364 @@
+"""``gradfit fit-many``: long-form tables (one row per point) to one result row per group.
+
+Groups of any length are packed into a NaN-padded ``[K, N_max]`` batch (vectorised: one
+stable sort by group, no Python loop over groups), fitted with ``fit_batch``, and written
+chunk by chunk so a killed run loses at most one chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradfit.batch.fit_batch import batch_optimizer, default_chunk_size, fit_batch
+from gradfit.batch.stream import SUFFIXES as OUTPUT_SUFFIXES
+from gradfit.errors import DataError, OptionError
+from gradfit.fitting.checkpoint import data_hashes, mismatch, model_identity, plain
+from gradfit.io.files import check_parent, write_text_atomic
+from gradfit.io.tables import NAN_POLICIES, read_raw_table, to_float
+from gradfit.model.losses import get_loss
+from gradfit.model.models import Model
+from gradfit.model.parameters import ParameterSpace
+from gradfit.optim import learning_rate
+from gradfit.results.batch_result import NO_DATA, STATUS_NAMES, BatchResult
+
+#: status of a group with no valid point; until batch_result names a ``no_data`` code, such
+#: groups are marked ``too_few_points`` (as fit_batch marks them)
+
+
+def pack_groups(
+    keys: np.ndarray, columns: dict[str, np.ndarray]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Rows grouped by ``keys`` -> (unique keys in first-seen order, ``[K, N_max]`` arrays).
+
+    Example:
+        >>> keys, packed = pack_groups(np.array(["b", "a", "b"]), {"y": np.array([1.0, 2.0, 3.0])})
+        >>> keys.tolist(), packed["y"].tolist()
+        (['b', 'a'], [[1.0, 3.0], [2.0, nan]])
+    """
+    runs = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.arange(0)
+    if len(np.unique(keys[runs])) == len(runs):
+        # each group is one contiguous run of rows (the usual layout): no sort needed
+        counts = np.diff(np.r_[runs, len(keys)])
+        if len(runs) and (counts == counts[0]).all():  # and all of one length: a reshape
+            shape = (len(runs), int(counts[0]))
+            return keys[runs], {name: v.reshape(shape) for name, v in columns.items()}
+        unique_in_order, rows, starts = keys[runs], np.arange(len(keys)), runs
+    else:
+        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        order_of_groups = np.argsort(first, kind="stable")  # keep the file's group order
+        rank = np.empty_like(order_of_groups)
+        rank[order_of_groups] = np.arange(len(order_of_groups))
+        group = rank[inverse.reshape(-1)]
+        rows = np.argsort(group, kind="stable")
+        counts = np.bincount(group, minlength=len(unique))
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        unique_in_order = unique[order_of_groups]
+    sorted_group = np.repeat(np.arange(len(counts)), counts)
+    position = np.arange(len(rows)) - np.repeat(starts, counts)
+    packed = {}
+    for name, values in columns.items():
+        out = np.full((len(counts), max(int(counts.max(initial=0)), 1)), np.nan)
+        out[sorted_group, position] = values[rows]
+        packed[name] = out
+    return unique_in_order, packed
+
+
+def read_long(
+    path: Path, group: str, x: str, y: str, sigma: str | None, nan_policy: str = "raise"
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Read a long-form CSV/Parquet table, apply the NaN policy, and pack it by ``group``."""
+    table = read_raw_table(path)
+    wanted = [group, x, y, *([sigma] if sigma else [])]
+    for name in wanted:
+        if name not in table:
+            raise DataError(f"{path}: no column {name!r}; columns are {', '.join(table)}")
+    keys = table[group]
+    if keys.dtype == object and any(k is None for k in keys):
+        row = next(i for i, k in enumerate(keys) if k is None)
+        raise DataError(f"{path}: column {group!r} is empty at row {row}")
+    columns = {"x": to_float(table[x], f"{path}: column {x!r}")}
+    columns["y"] = to_float(table[y], f"{path}: column {y!r}")
+    if sigma:
+        columns["sigma"] = to_float(table[sigma], f"{path}: column {sigma!r}")
+        bad = np.isfinite(columns["sigma"]) & (columns["sigma"] <= 0)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise DataError(
+                f"{path}: column {sigma!r} must be > 0, got {columns['sigma'][row]} at row {row}"
+            )
+    finite = np.ones(len(keys), dtype=bool)
+    for name, values in columns.items():
+        bad = ~np.isfinite(values)
+        if bad.any() and nan_policy == "raise":
+            row = int(np.argmax(bad))
+            column = {"x": x, "y": y, "sigma": sigma}[name]
+            raise DataError(
+                f"{path}: column {column!r} has a non-finite value ({values[row]}) at row {row}; "
+                "clean the data or use --nan-policy omit"
+            )
+        finite &= ~bad
+    if not finite.all():
+        return _omit_rows(np.asarray(keys), columns, finite)
+    return pack_groups(np.asarray(keys), columns)
+
+
+def _omit_rows(
+    keys: np.ndarray, columns: dict[str, np.ndarray], finite: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``--nan-policy omit``: pack the finite rows; a group left with none keeps its row."""
+    kept, packed = pack_groups(keys[finite], {n: v[finite] for n, v in columns.items()})
+    every, packed = _with_empty_groups(keys, kept, packed)
+    n_empty = len(every) - len(kept)
+    groups = "1 group has" if n_empty == 1 else f"{n_empty} groups have"
+    empty = f"; {groups} no valid point left (status {STATUS_NAMES[NO_DATA]})"
+    print(f"note: --nan-policy omit dropped {int((~finite).sum())} rows with NaN or inf"
+          f"{empty if n_empty else ''}", file=sys.stderr)  # fmt: skip
+    return every, packed
+
+
+def _with_empty_groups(
+    keys: np.ndarray, kept: np.ndarray, packed: dict[str, np.ndarray]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every group of ``keys`` in the file's first-seen order (whichever rows were omitted);
+    those not in ``kept`` (all their rows were omitted) as all-NaN rows, so they keep a row in
+    the output (status no_data) instead of vanishing.
+
+    Example:
+        >>> keys = np.array(["a", "b", "c"])
+        >>> every, packed = _with_empty_groups(keys, keys[[0, 2]], {"y": np.array([[1.0], [3.0]])})
+        >>> every.tolist(), packed["y"].tolist()
+        (['a', 'b', 'c'], [[1.0], [nan], [3.0]])
+    """
+    unique, first = np.unique(keys, return_index=True)
+    every = unique[np.argsort(first, kind="stable")]  # the file's group order
+    if len(every) == len(kept) and (every == kept).all():
+        return kept, packed
+    sorter = np.argsort(every, kind="stable")
+    rows = sorter[np.searchsorted(every, kept, sorter=sorter)]  # each kept group's new row
+    widened = {}
+    for name, values in packed.items():
+        widened[name] = np.full((len(every), values.shape[1]), np.nan)
+        widened[name][rows] = values
+    return every, widened
+
+
+def read_wide(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A ``.npz`` with ``x`` (``[N]`` or ``[K, N]``), ``y`` ``[K, N]`` and optional ``sigma``."""
+    arrays = read_raw_table(path)
+    for name in ("x", "y"):
+        if name not in arrays:
+            raise DataError(f"{path}: no array {name!r}; arrays are {', '.join(arrays)}")
+    y = np.asarray(arrays["y"], dtype=np.float64)
+    if y.ndim != 2:
+        raise DataError(f"{path}: y must be [K, N], got shape {y.shape}")
+    packed = {"x": np.asarray(arrays["x"], dtype=np.float64), "y": y}
+    if "sigma" in arrays:
+        packed["sigma"] = np.asarray(arrays["sigma"], dtype=np.float64)
+    return np.arange(y.shape[0]), packed
+
+
+def run_fit_many(
+    data: Path,
+    *,
+    model: Model,
+    group: str | None,
+    x: str,
+    y: str,
+    sigma: str | None,
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    chunk_size: int | None = None,
+    nan_policy: str = "raise",
+    stop: Callable[[], bool] | None = None,
+    **options: Any,
+) -> BatchResult | None:
+    """Fit every group of ``data``; write ``out`` (Parquet or CSV), chunk by chunk.
+
+    Returns None when ``stop()`` turned true: finished chunks stay for ``resume``.
+    """
+    suffix = out.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise OptionError(f"--out {out}: use a .parquet or .csv file")
+    if out.exists() and not (overwrite or resume):
+        raise OptionError(f"--out {out}: file exists; use --overwrite (or --resume)")
+    if out.exists() and out.is_dir():
+        raise OptionError(f"--out {out}: is a folder; give a .parquet or .csv file name")
+    check_parent(out, "--out")
+    if nan_policy not in NAN_POLICIES:
+        raise OptionError(
+            f"--nan-policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}"
+        )
+    if data.suffix.lower() in (".npz", ".npy"):
+        keys, packed = read_wide(data)  # NaN marks padding in wide arrays
+    else:
+        if group is None:
+            raise OptionError("--group is required for long-form CSV/Parquet input")
+        keys, packed = read_long(data, group, x, y, sigma, nan_policy)
+    chunk_size = chunk_size or default_chunk_size(
+        packed["y"].shape[1], len(model.param_names), options.get("device")
+    )
+    if resume and not overwrite and out.exists() and not _PartStore.folder_of(out).exists():
+        raise OptionError(
+            f"--resume: {out} is complete (no {_PartStore.folder_of(out).name}/ left to "
+            "continue); use --overwrite to fit again"
+        )
+    identity = run_identity(model, keys, packed, options)
+    parts = _PartStore(out, resume=resume, chunk_size=chunk_size, identity=identity)
+    stopped = stop or (lambda: False)
+    try:
+        fit_batch(
+            model, packed["x"], packed["y"], sigma=packed.get("sigma"),
+            chunk_size=parts.chunk_size,
+            on_chunk=lambda start, chunk: parts.write(
+                start, _mark_no_data(chunk), keys, group or "curve"
+            ),
+            skip_chunk=lambda start, stop: parts.done(start, stop) or stopped(), **options,
+        )  # fmt: skip
+    except Exception:
+        parts.clean_if_empty()  # refused before any chunk was fitted: leave nothing behind
+        raise
+    if stopped():
+        return None
+    # the table is re-read from the parts, so fresh and resumed runs write the same thing
+    final = parts.combine(keys, group or "curve")
+    final.optimizer = batch_optimizer(
+        options.get("optimizer", "lm"), get_loss(options.get("loss", "mse"))
+    )
+    final.fixed = tuple(options.get("fixed") or ())  # the parts' tables do not carry it
+    final.save(out)
+    parts.clean()
+    return final
+
+
+def run_identity(
+    model: Model, keys: np.ndarray, packed: dict[str, np.ndarray], options: dict[str, Any]
+) -> dict[str, Any]:
+    """What a parts folder belongs to: model, options and a hash of each data array.
+
+    Every option that changes a row is here, ``epochs`` included (finished chunks are not
+    continued, so rows fitted under other limits would mix); ``device``, ``chunk_size`` (the
+    folder's own is kept) and the progress bar may change on resume.
+    """
+    loss = get_loss(options.get("loss", "mse"))
+    optimizer = batch_optimizer(options.get("optimizer", "lm"), loss)
+    space = ParameterSpace.build(model.param_names, options.get("bounds"), options.get("fixed"))
+    identity = model_identity(model, space)
+    identity |= {"loss": loss.name, "f_scale": float(options.get("f_scale", 1.0))}
+    identity |= {"optimizer": optimizer, "lr": learning_rate(optimizer, options.get("lr"))}
+    for name in ("epochs", "tol", "p0"):
+        identity[name] = plain(options.get(name))
+    identity["absolute_sigma"] = bool(options.get("absolute_sigma", False))
+    identity["dtype"] = str(options.get("dtype") or "torch.float64")
+    identity["data"] = data_hashes({"keys": keys, **packed})
+    return json.loads(json.dumps(identity))  # as the manifest reads it back
+
+
+class _PartStore:
+    """Finished chunks as Parquet files in ``<out>.parts/``; the manifest holds the chunking
+    and the run's identity, so ``--resume`` continues only the same run."""
+
+    def __init__(
+        self, out: Path, *, resume: bool, chunk_size: int, identity: dict[str, Any]
+    ) -> None:
+        self.folder = self.folder_of(out)
+        manifest = self.folder / "manifest.json"
+        if resume and manifest.exists():
+            saved = json.loads(manifest.read_text())
+            self._check(saved.get("identity"), identity)
+            self.chunk_size = int(saved["chunk_size"])
+            return
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+        self.chunk_size = chunk_size
+        write_text_atomic(
+            manifest, json.dumps({"chunk_size": self.chunk_size, "identity": identity})
+        )
+
+    @staticmethod
+    def folder_of(out: Path) -> Path:
+        return out.with_name(out.name + ".parts")
+
+    def _check(self, saved: dict[str, Any] | None, identity: dict[str, Any]) -> None:
+        if saved is None:  # an older gradfit's folder: it recorded no options to compare
+            raise OptionError(
+                f"--resume: {self.folder} does not record the options it was fitted with "
+                "(an older gradfit wrote it); drop --resume to start over"
+            )
+        different = mismatch(saved, identity)
+        if different is not None:  # refused before anything is written or removed
+            raise OptionError(
+                f"--resume: {self.folder} was written for {different}; resume with the "
+                "original options, or drop --resume to start over"
+            )
+
+    def _path(self, start: int) -> Path:
+        return self.folder / f"part-{start:012d}.parquet"
+
+    def done(self, start: int, stop: int) -> bool:
+        return self._path(start).exists()
+
+    def write(self, start: int, chunk: BatchResult, keys: np.ndarray, key_name: str) -> None:
+        chunk.keys, chunk.key_name = keys[start : start + len(chunk)], key_name
+        chunk.to_parquet(self._path(start))
+
+    def combine(self, keys: np.ndarray, key_name: str) -> BatchResult:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parts = sorted(self.folder.glob("part-*.parquet"))
+        table = pa.concat_tables([pq.read_table(p) for p in parts])
+        return _from_table(table, key_name)
+
+    def clean(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def clean_if_empty(self) -> None:
+        if not any(self.folder.glob("part-*.parquet")):
+            self.clean()
+
+
+def _mark_no_data(chunk: BatchResult) -> BatchResult:
+    """Curves without a single valid point: status no_data, NaN for every estimate."""
+    empty = chunk.n_points == 0
+    if not bool(empty.any()):
+        return chunk
+    row = empty.unsqueeze(-1)
+    return replace(
+        chunk,
+        params=chunk.params.masked_fill(row, np.nan),
+        stderr=chunk.stderr.masked_fill(row, np.nan),
+        loss=chunk.loss.masked_fill(empty, np.nan),
+        reduced_chi2=chunk.reduced_chi2.masked_fill(empty, np.nan),
+        r2=chunk.r2.masked_fill(empty, np.nan),
+        n_iter=chunk.n_iter.masked_fill(empty, 0),
+        status=chunk.status.masked_fill(empty, NO_DATA),
+    )
+
+
+def _from_table(table: Any, key_name: str) -> BatchResult:
+    import torch
+
+    from gradfit.results.batch_result import STATUS_NAMES
+
+    codes = {name: code for code, name in STATUS_NAMES.items()}
+    names = [c[: -len("_stderr")] for c in table.column_names if c.endswith("_stderr")]
+    col = lambda name: torch.as_tensor(np.array(table.column(name).to_numpy()))  # noqa: E731
+    return BatchResult(
+        params=torch.stack([col(n) for n in names], dim=1),
+        stderr=torch.stack([col(f"{n}_stderr") for n in names], dim=1),
+        loss=col("loss"), n_iter=col("n_iter"),
+        status=torch.tensor([codes[s] for s in table.column("status").to_pylist()]),
+        param_names=tuple(names), reduced_chi2=col("reduced_chi2"), r2=col("r2"),
+        n_points=col("n_points"), keys=table.column(key_name).to_numpy(zero_copy_only=False),
+        key_name=key_name,
+    )  # fmt: skip

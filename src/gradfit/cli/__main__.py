@@ -1,0 +1,5 @@
+"""``python -m gradfit.cli``."""
+
+from gradfit.cli.app import app
+
+app()

@@ -1,0 +1,376 @@
+"""The ``gradfit`` command: demo, fit, fit-many, models.
+
+User errors become one ``error: ...`` line on stderr and exit code 2 (usage errors too: a
+missing or unknown option, a bad option value); a failed fit (diverged, non-finite at the
+start, singular) exits 3.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from gradfit.errors import GradfitError
+
+try:  # typer >= 0.24 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
+EXIT_USAGE, EXIT_FAILED = 2, 3
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    """Print one ``error:`` line on stderr and return the exit to raise."""
+    print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+class OneLineErrors(TyperGroup):
+    """Typer's command group, but usage errors (missing, unknown or bad options) print one
+    ``error: ...`` line with a pointer to ``--help``, like every other bad input, instead of
+    the usage text and a framed box. Help output is Typer's own.
+
+    Overriding ``main`` covers both ``gradfit`` (``app()``) and ``CliRunner.invoke(app)``.
+    """
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:  # the caller handles exceptions itself
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:  # not standalone: Typer raises usage errors instead of drawing them in a box
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.UsageError as error:
+            code = show_usage_error(error)
+        except click_errors.ClickException as error:
+            print(f"error: {_sentence(error.format_message())}", file=sys.stderr)
+            code = EXIT_USAGE
+        except typer.Abort:
+            print("Aborted!", file=sys.stderr)
+            code = 1
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click_errors.UsageError as error:
+            if error.ctx is None and ctx.invoked_subcommand:  # the parser's errors carry none
+                error.command_path = f"{ctx.command_path} {ctx.invoked_subcommand}"
+            raise
+
+
+def show_usage_error(error: Any) -> int:
+    """Print a usage error as one line (the help for a bare ``gradfit``); return its code."""
+    if type(error).__name__ == "NoArgsIsHelpError":  # Rich has printed the help already
+        if error.format_message().strip():
+            print(error.format_message(), file=sys.stderr)
+        return int(error.exit_code)
+    path = error.ctx.command_path if error.ctx is not None else getattr(error, "command_path", "")
+    see = f"; see {path} --help" if path else ""
+    print(f"error: {usage_message(error)}{see}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def usage_message(error: Any) -> str:
+    """What is wrong, in the house style: ``no such option --modle (did you mean --model?)``."""
+    param = getattr(error, "param", None)
+    if isinstance(error, click_errors.NoSuchOption):
+        close = f" (did you mean {error.possibilities[0]}?)" if error.possibilities else ""
+        return f"no such option {error.option_name}{close}"
+    if isinstance(error, click_errors.MissingParameter) and param is not None:
+        return f"missing {param.param_type_name} {_param_name(param)}"
+    if isinstance(error, click_errors.BadParameter) and param is not None:
+        return f"invalid value for {_param_name(param)}: {_sentence(error.message)}"
+    return _sentence(error.format_message())
+
+
+def _param_name(param: Any) -> str:
+    if param.param_type_name == "argument":
+        return str(param.name).upper()  # as the docstrings name it: DATA
+    return max(param.opts, key=len)  # the long spelling: --checkpoint-every
+
+
+def _sentence(text: str) -> str:
+    """Click's "No such command 'fitt'. Did you mean 'fit'?" -> "no such command 'fitt'
+    (did you mean 'fit'?)": lower case, no final stop, so it reads inside one line."""
+    text = re.sub(r"\.\s+Did you mean (.+)\?$", r" (did you mean \1?)", text.strip())
+    text = text.rstrip(".")
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    help="Fit any model to data with a visible PyTorch training loop.",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+Out = Annotated[Path | None, typer.Option("--out", help="Folder for results and plots.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace files in an existing --out.")]
+Delimiter = Annotated[
+    str | None,
+    typer.Option(
+        "--delimiter",
+        help="Text tables: the column separator: ',', tab, ';', whitespace (runs of blanks) or "
+        "another character. Default: tab for .tsv/.tab, else detected from the first lines.",
+        show_default=False,
+    ),
+]
+Header = Annotated[
+    bool | None,
+    typer.Option(
+        "--header/--no-header",
+        help="Text tables: whether the first row names the columns. Without a header the "
+        "columns are named by position, c0, c1, ... (--x c0 --y c1). Default: detected (a "
+        "first row of numbers is data).",
+        show_default=False,
+    ),
+]
+
+
+def read_tables_with(delimiter: str | None, header: bool | None) -> AbstractContextManager[Any]:
+    """The block in which the command reads its table with ``--delimiter``/``--header``."""
+    from gradfit.io.tables import TableOptions, parse_delimiter, table_options
+
+    given = None if delimiter is None else parse_delimiter(delimiter, "--delimiter")
+    return table_options(TableOptions(given, header))
+
+
+@app.command()
+def demo(
+    out: Out = Path("gradfit-demo"),
+    seed: Annotated[
+        int | None, typer.Option(help="torch.manual_seed before the post's program.")
+    ] = None,
+    epochs: int = 15_000,
+    lr: float = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="gd (the post's), sgd, adam, lbfgs, lm.")] = "gd",
+    overwrite: Overwrite = False,
+) -> None:
+    """The blog post end to end: four figures, results.json and the truth about convergence."""
+    from gradfit.cli.demo import run_demo, write_demo
+    from gradfit.io.files import output_dir
+
+    try:
+        with output_dir(out or Path("gradfit-demo"), overwrite=overwrite) as staging:
+            run = run_demo(seed=seed, epochs=epochs, lr=lr, optimizer=optimizer, progress=True)
+            write_demo(run, staging)
+    except GradfitError as error:
+        raise fail(str(error)) from None
+    table = Table(title=f"y = a x² + b x + c  (seed {run.seed}, {run.result.optimizer})")
+    for column in ("param", "true", "fitted", "least-squares optimum", "fitted - optimum"):
+        table.add_column(column, justify="right")
+    for name in "abc":
+        fitted, best = run.result.params[name], run.optimum[name]
+        true = run.to_dict()["true_params"][name]
+        table.add_row(name, f"{true:g}", f"{fitted:.6f}", f"{best:.6f}", f"{fitted - best:+.6f}")
+    console.print(table)
+    console.print(f"final MSE {run.result.loss:.6f}; optimum MSE {run.optimum_loss:.6f}")
+    if run.excess > 1e-4:
+        console.print(
+            f"[bold yellow]{run.result.optimizer} has NOT reached the least-squares optimum:[/] "
+            f"its loss is {100 * run.excess:.1f}% above it after {run.result.n_iter} epochs. "
+            "Try `--optimizer lm` (or `gradfit fit ... --optimizer lm`)."
+        )
+    else:
+        console.print("[green]reached the least-squares optimum.[/]")
+    console.print(f"wrote {out}/: dataset.png before_training.png history.png "
+                  "after_training.png results.json")  # fmt: skip
+
+
+@app.command(name="fit")
+def fit_command(
+    data: Annotated[
+        Path, typer.Argument(help="CSV, TSV, whitespace-separated text, Parquet or NumPy file.")
+    ],
+    model: Annotated[str, typer.Option("--model", help="Expression or built-in name.")],
+    x: Annotated[str, typer.Option("--x", help="x column (several: x1,x2).")] = "x",
+    y: Annotated[str, typer.Option("--y", help="y column.")] = "y",
+    delimiter: Delimiter = None,
+    header: Header = None,
+    sigma: Annotated[
+        str | None, typer.Option("--sigma", help="Column of y's standard deviations.")
+    ] = None,
+    p0: Annotated[str | None, typer.Option("--p0", help="Starting values: a=1,b=2.")] = None,
+    bounds: Annotated[str | None, typer.Option("--bounds", help="Bounds: k=0:inf,a=-1:1.")] = None,
+    fix: Annotated[str | None, typer.Option("--fix", help="Fixed values: c=0.")] = None,
+    loss: Annotated[
+        str, typer.Option(help="mse sse chi2 mae huber soft_l1 cauchy arctan.")
+    ] = "mse",
+    f_scale: Annotated[float, typer.Option("--f-scale", help="Robust loss scale.")] = 1.0,
+    optimizer: Annotated[str, typer.Option(help="auto lm gd sgd adam lbfgs.")] = "auto",
+    lr: Annotated[float | None, typer.Option(help="Learning rate (gd, sgd, adam, lbfgs).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epoch (LM: iteration) limit.")] = None,
+    tol: Annotated[float | None, typer.Option(help="Stop when the loss changes less.")] = None,
+    seed: int | None = None,
+    nan_policy: Annotated[str, typer.Option("--nan-policy", help="raise or omit.")] = "raise",
+    absolute_sigma: Annotated[bool, typer.Option("--absolute-sigma")] = False,
+    out: Out = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results JSON on stdout.")] = False,
+    report: Annotated[bool, typer.Option("--report", help="Also write report.html.")] = False,
+    overwrite: Overwrite = False,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Save the fit's state here every --checkpoint-every epochs."),
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(min=1, help="Epochs between checkpoints. Default: 1000; lm, lbfgs: 1."),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue from this checkpoint (and keep saving to it)."),
+    ] = None,
+) -> None:
+    """Fit MODEL to the columns of DATA; write results.json, fit.png, history.png to --out.
+
+    Text tables are comma, tab, semicolon or whitespace separated, detected unless
+    --delimiter says; a first row of numbers means no header (columns c0, c1, ...).
+
+    Ctrl-C or SIGTERM stops after the current step and writes the best result so far
+    (status "interrupted", exit 130 or 143). Exit 2: bad input; 3: the fit failed (diverged,
+    non-finite at the start, singular).
+    """
+    from gradfit.cli.commands import run_fit
+    from gradfit.cli.signals import stop_on_signals
+
+    with stop_on_signals() as stop:
+        try:
+            with read_tables_with(delimiter, header):
+                result = run_fit(
+                    data, x=x, y=y, model=model, sigma=sigma, p0=p0, bounds=bounds, fix=fix,
+                    loss=loss, f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs,
+                    tol=tol, seed=seed, nan_policy=nan_policy, absolute_sigma=absolute_sigma,
+                    out=out, report=report, overwrite=overwrite, checkpoint=checkpoint,
+                    checkpoint_every=checkpoint_every, resume=resume, hook=stop.hook,
+                )  # fmt: skip
+        except GradfitError as error:
+            raise fail(str(error)) from None
+        except OSError as error:  # e.g. --out or --checkpoint on a full or read-only disk
+            raise fail(f"cannot write {error.filename}: {error.strerror or error}") from None
+        except KeyboardInterrupt:  # a second signal: stopped at once, nothing written
+            raise fail("interrupted twice: stopped at once; nothing written", 130) from None
+    if result.n_omitted:
+        print(f"note: --nan-policy omit dropped {result.n_omitted} rows with NaN or inf",
+              file=sys.stderr)  # fmt: skip
+    if as_json:
+        print(result.to_json())
+    else:
+        console.print(result.report(), highlight=False, markup=False)
+    if stop.requested:
+        where = f"; results in {out}" if out is not None else ""
+        again = f"; continue with --resume {checkpoint or resume}" if checkpoint or resume else ""
+        print(f"note: stopped by {stop.name}: {result.message}{where}{again}", file=sys.stderr)
+        raise typer.Exit(stop.exit_code)
+    from gradfit.fitting.loop import FAILED  # torch is loaded by now; the CLI's start stays light
+
+    if result.status in FAILED:
+        print(f"error: {result.message}", file=sys.stderr)
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command(name="fit-many")
+def fit_many_command(
+    data: Annotated[
+        Path, typer.Argument(help="Long-form CSV/TSV/text/Parquet, or wide .npz (x, y).")
+    ],
+    model: Annotated[str, typer.Option("--model", help="Expression or built-in name.")],
+    out: Annotated[Path, typer.Option("--out", help="Results: one row per group (.parquet/.csv).")],
+    group: Annotated[str | None, typer.Option("--group", help="Group key column.")] = None,
+    x: Annotated[str, typer.Option("--x", help="x column.")] = "x",
+    y: Annotated[str, typer.Option("--y", help="y column.")] = "y",
+    delimiter: Delimiter = None,
+    header: Header = None,
+    sigma: Annotated[str | None, typer.Option("--sigma", help="Column of y's std devs.")] = None,
+    p0: Annotated[str | None, typer.Option("--p0", help="Starting values: a=1,b=2.")] = None,
+    bounds: Annotated[str | None, typer.Option("--bounds", help="Bounds: k=0:inf.")] = None,
+    fix: Annotated[str | None, typer.Option("--fix", help="Fixed values: c=0.")] = None,
+    loss: Annotated[
+        str, typer.Option(help="mse sse chi2 mae huber soft_l1 cauchy arctan.")
+    ] = "mse",
+    f_scale: Annotated[float, typer.Option("--f-scale", help="Robust loss scale.")] = 1.0,
+    optimizer: Annotated[str, typer.Option(help="lm (default), gd, sgd, adam or auto.")] = "lm",
+    lr: Annotated[float | None, typer.Option(help="Learning rate of gd, sgd, adam.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Iteration (lm) or epoch limit per curve.")
+    ] = None,
+    tol: Annotated[float | None, typer.Option(help="lm: ftol; else a loss-change stop.")] = None,
+    dtype: Annotated[str, typer.Option(help="float64 or float32.")] = "float64",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... Default: cpu.")] = None,
+    chunk_size: Annotated[int | None, typer.Option(min=1, help="Curves per chunk.")] = None,
+    nan_policy: Annotated[str, typer.Option("--nan-policy", help="raise or omit.")] = "raise",
+    absolute_sigma: Annotated[bool, typer.Option("--absolute-sigma")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip chunks already written.")] = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Fit MODEL to every group of DATA at once; write one row of params ± stderr per group.
+
+    Finished chunks are kept beside --out (in OUT.parts/) until the run completes, so a killed
+    or interrupted run continues with --resume and loses at most one chunk.
+    """
+    from gradfit.cli.commands import run_fit_many_command
+    from gradfit.cli.signals import stop_on_signals
+
+    with stop_on_signals() as stop:
+        try:
+            with read_tables_with(delimiter, header):
+                result = run_fit_many_command(
+                    data, model=model, out=out, group=group, x=x, y=y, sigma=sigma, p0=p0,
+                    bounds=bounds, fix=fix, loss=loss, f_scale=f_scale, optimizer=optimizer,
+                    lr=lr, epochs=epochs, tol=tol, dtype=dtype,
+                    device=device, chunk_size=chunk_size, nan_policy=nan_policy,
+                    absolute_sigma=absolute_sigma, resume=resume, overwrite=overwrite,
+                    stop=lambda: stop.requested,
+                )  # fmt: skip
+        except GradfitError as error:
+            raise fail(str(error)) from None
+        except OSError as error:
+            raise fail(f"cannot write {error.filename}: {error.strerror or error}") from None
+        except KeyboardInterrupt:
+            raise fail("interrupted twice: stopped at once; finished chunks kept", 130) from None
+    if result is None:
+        print(f"note: stopped by {stop.name}; finished chunks are kept: continue with "
+              f"the same command and --resume", file=sys.stderr)  # fmt: skip
+        raise typer.Exit(stop.exit_code)
+    console.print(result.summary(), highlight=False, markup=False)
+    console.print(f"wrote {out} ({len(result)} rows)", highlight=False)
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the built-in models with their formulas and parameters."""
+    from gradfit.model.models import describe_builtins
+
+    rows = describe_builtins()
+    if as_json:
+        print(json.dumps([{"name": n, "formula": f, "params": list(p)} for n, f, p in rows]))
+        return
+    table = Table(title="built-in models (x is the independent variable)")
+    for column in ("name", "formula", "parameters"):
+        table.add_column(column)
+    for name, formula, params in rows:
+        table.add_row(name, formula, ", ".join(params))
+    console.print(table)
+
+
+if __name__ == "__main__":  # python -m gradfit.cli.app (gradfit.cli: __main__.py)
+    app()

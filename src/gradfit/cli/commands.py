@@ -1,0 +1,188 @@
+"""What the CLI commands do, apart from argument parsing and printing."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from gradfit.errors import OptionError
+from gradfit.fitting.fit import check_model_name, fit
+from gradfit.fitting.loop import FAILED, Hook
+from gradfit.io.files import check_output_dir, check_parent, output_dir
+from gradfit.io.tables import prepare_data, read_table
+from gradfit.model.models import Model, get_builtin
+from gradfit.model.parameters import parse_assignments, parse_bounds
+from gradfit.results.batch_result import BatchResult
+from gradfit.results.fit_result import FitResult
+
+
+def build_model(text: str, x_columns: list[str]) -> tuple[Model, bool]:
+    """A built-in (x is positional) or an expression whose variables are the x columns."""
+    builtin = get_builtin(text)
+    if builtin is not None:
+        if len(x_columns) != 1:
+            raise OptionError(f"built-in model {text!r} takes one x column, got {x_columns}")
+        return builtin, False
+    check_model_name(text, x_columns)
+    return Model(text, independent=x_columns), True
+
+
+def run_fit(
+    data: Path,
+    *,
+    x: str,
+    y: str,
+    model: str,
+    sigma: str | None,
+    p0: str | None,
+    bounds: str | None,
+    fix: str | None,
+    loss: str,
+    f_scale: float,
+    optimizer: str,
+    lr: float | None,
+    epochs: int | None,
+    tol: float | None,
+    seed: int | None,
+    nan_policy: str,
+    absolute_sigma: bool,
+    out: Path | None,
+    report: bool,
+    overwrite: bool,
+    checkpoint: Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: Path | None = None,
+    hook: Hook | None = None,
+) -> FitResult:
+    """Read the columns, fit, and (with ``out``) write results.json, plots and report.html.
+
+    Every check on the arguments and the data runs before anything is written: a bad
+    input leaves no ``out`` folder and no checkpoint behind.
+    """
+    x_columns = [c.strip() for c in x.split(",") if c.strip()]
+    the_model, named = build_model(model, x_columns)
+    options = {
+        "p0": parse_assignments(p0, "--p0") if p0 else None,
+        "bounds": parse_bounds(bounds) if bounds else None,
+        "fixed": parse_assignments(fix, "--fix") if fix else None,
+    }
+    if out is not None:
+        check_output_dir(out, overwrite=overwrite)
+    checkpoint = checkpoint or resume  # a resumed run stays resumable
+    fresh = resume is None or checkpoint is None or checkpoint.resolve() != resume.resolve()
+    if checkpoint is not None:
+        check_parent(checkpoint, "--checkpoint")
+    if checkpoint is not None and checkpoint.is_dir():
+        raise OptionError(f"--checkpoint {checkpoint}: is a folder; name a file")
+    if checkpoint is not None and checkpoint.exists() and fresh and not overwrite:
+        raise OptionError(
+            f"--checkpoint {checkpoint}: file exists; continue it with --resume {checkpoint} "
+            "or start over with --overwrite"
+        )
+    columns = read_table(data, [*x_columns, y, *([sigma] if sigma else [])])
+    x_values = {c: columns[c] for c in x_columns} if named else columns[x_columns[0]]
+    sigma_values = columns[sigma] if sigma else None
+    # validate here too, so messages name the file and column rather than "x" or "y"
+    names = {f"x[{c!r}]": c for c in x_columns} if named else {"x": x_columns[0]}
+    names |= {"y": y, "sigma": sigma or ""}
+    labels = {key: f"{data}: column {name!r}" for key, name in names.items()}
+    prepare_data(
+        x_values, columns[y], sigma_values, independent=the_model.independent,
+        nan_policy=nan_policy, labels=labels, omit_hint="--nan-policy omit",
+    )  # fmt: skip
+    result = fit(
+        the_model, x_values, columns[y], sigma=sigma_values, loss=loss, f_scale=f_scale,
+        optimizer=optimizer, lr=lr, epochs=epochs, tol=tol, seed=seed, nan_policy=nan_policy,
+        absolute_sigma=absolute_sigma, progress=True, hook=hook, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, resume=resume, **options,
+    )  # fmt: skip
+    # the figures' axes carry the table's column names
+    result.data["labels"] = {"x": x_columns[0] if len(x_columns) == 1 else x, "y": y}
+    if out is not None:
+        with output_dir(out, overwrite=overwrite) as folder:
+            write_outputs(result, folder, report)
+    print_warnings(result)
+    return result
+
+
+def print_warnings(result: FitResult) -> None:
+    """Each warning as one ``warning: ...`` line on stderr (the exit code does not change).
+
+    A failed fit (diverged, ...) prints none: the CLI's one ``error:`` line already says the
+    result is not to be trusted (results.json keeps the list). An interrupted one leaves out "not
+    converged": the CLI's note says where it stopped.
+    """
+    if result.status in FAILED:
+        return
+    for text in result.warnings:
+        if result.status == "interrupted" and text.startswith("not converged"):
+            continue
+        print(f"warning: {text}", file=sys.stderr)
+
+
+def write_outputs(result: FitResult, folder: Path, report: bool) -> list[Path]:
+    """results.json, fit.png, history.png and, if asked, report.html."""
+    written = [result.save(folder / "results.json")]
+    # a diverged history spans hundreds of decades: matplotlib's log scale overflows, harmlessly
+    with np.errstate(over="ignore"):
+        written += result.plot(folder)
+    if report:
+        from gradfit.views.report import write_html_report
+
+        written.append(write_html_report(result, folder / "report.html", written[1:]))
+    return written
+
+
+DTYPES = {"float64": "float64", "float32": "float32", "double": "float64", "float": "float32"}
+
+
+def run_fit_many_command(
+    data: Path,
+    *,
+    model: str,
+    out: Path,
+    group: str | None,
+    x: str,
+    y: str,
+    sigma: str | None,
+    p0: str | None,
+    bounds: str | None,
+    fix: str | None,
+    loss: str,
+    f_scale: float,
+    epochs: int | None,
+    dtype: str,
+    device: str | None,
+    chunk_size: int | None,
+    nan_policy: str,
+    absolute_sigma: bool,
+    resume: bool,
+    overwrite: bool,
+    stop: Callable[[], bool] | None = None,
+    optimizer: str = "lm",
+    lr: float | None = None,
+    tol: float | None = None,
+) -> BatchResult | None:
+    """Parse the options, then ``many.run_fit_many``; None when a signal stopped the run."""
+    import torch
+
+    from gradfit.batch.many import run_fit_many
+
+    if dtype not in DTYPES:
+        raise OptionError(f"--dtype must be float64 or float32, got {dtype!r}")
+    the_model, _ = build_model(model, [x])
+    options = {
+        "p0": parse_assignments(p0, "--p0") if p0 else None,
+        "bounds": parse_bounds(bounds) if bounds else None,
+        "fixed": parse_assignments(fix, "--fix") if fix else None,
+    }
+    return run_fit_many(
+        data, model=the_model, group=group, x=x, y=y, sigma=sigma, out=out, resume=resume,
+        overwrite=overwrite, chunk_size=chunk_size, nan_policy=nan_policy, stop=stop,
+        loss=loss, f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs, tol=tol,
+        absolute_sigma=absolute_sigma,
+        dtype=getattr(torch, DTYPES[dtype]), device=device, progress=True, **options,
+    )  # fmt: skip

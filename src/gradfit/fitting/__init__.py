@@ -1,0 +1,1 @@
+"""One fit: the post's loop (``loop.py``), ``fit()`` (``fit.py``), checkpoints."""

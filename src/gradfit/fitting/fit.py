@@ -1,0 +1,317 @@
+"""``gradfit.fit``: one model, one data set, any loss and optimizer, honest statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradfit.errors import ModelError, OptionError, unknown_name
+from gradfit.fitting import checkpoint as checkpoints
+from gradfit.fitting.loop import (
+    Hook,
+    LoopOutcome,
+    LoopState,
+    Problem,
+    chain_hooks,
+    run_lbfgs,
+    run_loop,
+)
+from gradfit.io.files import check_parent
+from gradfit.io.tables import prepare_data
+from gradfit.model.losses import Loss, get_loss
+from gradfit.model.models import BUILTINS, Model, as_model, check_uses_independent, get_builtin
+from gradfit.model.parameters import Bound, ParameterSpace
+from gradfit.optim import FIRST_ORDER, OPTIMIZERS, check_epochs, learning_rate
+from gradfit.results import stats
+from gradfit.results.fit_result import FitResult
+from gradfit.views.progress import progress_bar
+
+Tensor = torch.Tensor
+
+
+def fit(
+    model: Model | str | Callable[..., Tensor] | nn.Module,
+    x: Any,
+    y: Any,
+    *,
+    sigma: Any = None,
+    p0: Mapping[str, float] | Any = None,
+    bounds: Mapping[str, Bound] | None = None,
+    fixed: Mapping[str, float] | None = None,
+    loss: str | Loss | Callable[[Tensor, Tensor], Tensor] = "mse",
+    f_scale: float = 1.0,
+    optimizer: str = "auto",
+    lr: float | None = None,
+    epochs: int | None = None,
+    tol: float | None = None,
+    absolute_sigma: bool = False,
+    nan_policy: str = "raise",
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    hook: Hook | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: str | Path | None = None,
+) -> FitResult:
+    """Fit ``model`` to ``(x, y)`` by minimising ``loss``.
+
+    Args:
+        model: expression string, built-in name, ``Model``, function ``f(x, params)`` (wrap it
+            in ``Model(f, params=[...])`` to name its parameters) or ``nn.Module``.
+        x, y: the data (``x`` may be a mapping name -> array for several variables).
+        sigma: per-point (or one) standard deviation of ``y``; residuals become ``r / sigma``.
+        p0: starting values (mapping or vector); default: the built-in's guess, the module's
+            current values, else ones (as ``curve_fit``).
+        bounds, fixed: ``{name: (lo, hi)}`` (None = unbounded) and ``{name: value}``.
+        loss: ``mse`` (the post's), ``sse``, ``chi2``, ``mae``, ``huber``, ``soft_l1``,
+            ``cauchy``, ``arctan`` or a callable ``loss(y_pred, y_true)``.
+        optimizer: ``auto`` (``lm`` for least-squares losses, else ``lbfgs``), ``lm``, ``gd``,
+            ``sgd``, ``adam``, ``lbfgs``.
+        lr, epochs, tol: learning rate, epoch (LM: iteration) limit, relative loss-change stop.
+        absolute_sigma: take ``sigma`` as absolute (do not rescale the covariance by χ²ᵣ).
+        dtype: float64 unless given.
+        hook: called as ``hook(epoch, loss)`` after every epoch; returning True stops the fit
+            with status ``"interrupted"`` (``signals.stop_on_signals`` makes one for Ctrl-C).
+        checkpoint, checkpoint_every: save the loop's state to this file every N epochs
+            (default 1000 for gd/sgd/adam, every iteration for lm/lbfgs) and at the end.
+        resume: continue from this checkpoint; it must come from the same model, data and
+            options (exact for gd/sgd/adam/lbfgs; LM restarts from the saved parameters).
+
+    Example:
+        >>> import gradfit as gf
+        >>> x, y = gf.datasets.quadratic(seed=0)
+        >>> result = gf.fit("a*x**2 + b*x + c", x, y)
+        >>> result.converged, round(result.params["a"])  # the noisy data's optimum, not 20
+        (True, 18)
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    if isinstance(model, str):
+        check_model_name(model)
+    model = as_model(model)
+    dtype = dtype or torch.float64
+    data = prepare_data(
+        x,
+        y,
+        sigma,
+        independent=model.independent,
+        nan_policy=nan_policy,
+        dtype=dtype,
+        device=device,
+    )
+    check_uses_independent(model)
+    loss_fn = get_loss(loss)
+    if loss_fn.name == "chi2" and data.sigma is None:
+        raise OptionError("loss 'chi2' needs sigma (per-point standard deviations)")
+    loss_fn = loss_fn.with_options(f_scale=f_scale, sigma=data.sigma)
+    optimizer = _choose_optimizer(optimizer, loss_fn)
+    check_epochs(epochs)
+    space = ParameterSpace.build(model.param_names, bounds, fixed)
+    if data.n_points < len(space.free):
+        raise OptionError(
+            f"{data.n_points} data points cannot determine {len(space.free)} free parameters "
+            f"({', '.join(space.free_names)}); fix some or give more points"
+        )
+    p_start = _starting_params(model, p0, data.x, data.y, dtype, data.y.device)
+    space.check_start(p_start)
+    _check_model_output(model, data.x, data.y, p_start)
+    problem = Problem(model, data.x, data.y, loss_fn, space)
+    theta = space.to_theta(p_start.unsqueeze(0))[0]
+    lr = learning_rate(optimizer, lr)
+    identity = {}
+    if checkpoint or resume:  # tol and the start decide the result as much as the model does
+        identity = checkpoints.identify(problem, optimizer, lr, tol=tol, p0=p_start)
+    if resume is not None:
+        state = checkpoints.load_checkpoint(resume, identity, theta.device)
+    else:
+        state = LoopState(theta.detach().clone().requires_grad_(optimizer != "lm"))
+    if checkpoint is not None:
+        every = _checkpoint_every(checkpoint_every, optimizer, checkpoint)
+        hook = chain_hooks(hook, checkpoints.checkpoint_hook(checkpoint, state, identity, every))
+    total = epochs or (15_000 if optimizer in FIRST_ORDER else 0)
+    with progress_bar(hook, total) if progress else contextlib.nullcontext(hook) as hooks:
+        outcome = _optimise(problem, state, optimizer, lr, epochs, tol, hooks)
+    if checkpoint is not None and outcome.status != "diverged":  # resumable where it stopped
+        checkpoints.save_checkpoint(checkpoint, state, identity)
+    return _result(problem, outcome, optimizer, data.n_omitted, absolute_sigma, p_start)
+
+
+def check_model_name(text: str, independent: Sequence[str] = ("x",)) -> None:
+    """Refuse a bare word that is not a built-in: it is a typo, not a constant model.
+
+    An expression of one parameter alone would be a constant; written with the variable
+    (``"c + 0*x"``) it still works.
+
+    Example:
+        >>> check_model_name("gausian")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        gradfit.errors.OptionError: unknown model 'gausian' (did you mean 'gaussian'?); ...
+    """
+    name = text.strip()
+    if not name.isidentifier() or name in independent or get_builtin(name) is not None:
+        return
+    error = unknown_name("model", name, [*BUILTINS, "polynomialN"])
+    var = independent[0]
+    raise OptionError(f"{error}; or write an expression in {var}, such as 'a*{var} + b'")
+
+
+def _choose_optimizer(name: str, loss: Loss) -> str:
+    if name not in OPTIMIZERS:
+        raise unknown_name("optimizer", name, OPTIMIZERS)
+    if name == "auto":
+        return "lm" if loss.least_squares else "lbfgs"
+    if name == "lm" and not loss.least_squares:
+        raise OptionError(
+            f"optimizer 'lm' needs a least-squares loss, not {loss.name!r}; use lbfgs or adam"
+        )
+    return name
+
+
+def _starting_params(
+    model: Model, p0: Any, x: Any, y: Tensor, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    names = model.param_names
+    if p0 is None or isinstance(p0, Mapping):
+        base = model.initial_params(dtype)
+        if base is None:
+            guess = model.guess(x, y)
+            base = guess if guess is not None else torch.ones(len(names), dtype=dtype)
+        base = base.to(dtype=dtype, device=device).clone()
+        for name, value in (p0 or {}).items():
+            if name not in names:
+                raise unknown_name("parameter in p0", name, names)
+            base[names.index(name)] = float(value)
+        return base
+    start = torch.as_tensor(p0, dtype=dtype, device=device).reshape(-1).clone()
+    if start.numel() != len(names):
+        raise OptionError(f"p0 has {start.numel()} values; the model has {len(names)}: {names}")
+    return start
+
+
+def _check_model_output(model: Model, x: Any, y: Tensor, p: Tensor) -> None:
+    def values() -> str:
+        return ", ".join(f"{n}={v:g}" for n, v in zip(model.param_names, p.tolist(), strict=True))
+
+    with torch.no_grad():
+        try:
+            out = model(x, p)
+        except ModelError:
+            raise
+        except Exception as error:
+            raise ModelError(f"the model failed at p0 ({values()}): {error}") from None
+    if not isinstance(out, Tensor) or out.shape != y.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ModelError(f"the model returned shape {shape}, expected {tuple(y.shape)} (like y)")
+    if not torch.isfinite(out).all():
+        row = int((~torch.isfinite(out)).nonzero()[0, 0])
+        raise ModelError(
+            f"the model is not finite at p0 ({values()}) at row {row}; choose another p0"
+        )
+
+
+def _checkpoint_every(every: int | None, optimizer: str, path: str | Path) -> int:
+    check_parent(Path(path), "checkpoint")  # fail now, not at the first save
+    every = checkpoints.DEFAULT_EVERY[optimizer] if every is None else every
+    if not every >= 1:
+        raise OptionError(f"checkpoint_every must be >= 1, got {every}")
+    return int(every)
+
+
+def _optimise(
+    problem: Problem,
+    state: LoopState,
+    optimizer: str,
+    lr: float | None,
+    epochs: int | None,
+    tol: float | None,
+    hook: Hook | None,
+) -> LoopOutcome:
+    """Run ``optimizer`` from ``state`` (fresh, or restored from a checkpoint)."""
+    if optimizer == "lm":
+        from gradfit.optim.least_squares import run_lm
+
+        return run_lm(problem, state, max_iter=epochs, tol=tol, hook=hook)
+    assert lr is not None
+    if optimizer == "lbfgs":
+        return run_lbfgs(
+            problem,
+            state,
+            lr=lr,
+            epochs=epochs or 100,
+            tol=1e-12 if tol is None else tol,
+            hook=hook,
+        )
+    step = FIRST_ORDER[optimizer](lr=lr)
+    state.optimizer_state = checkpoints.restore_into(step.init(state.theta), state.optimizer_state)
+    return run_loop(problem, state, step, epochs=epochs or 15_000, tol=tol, hook=hook)
+
+
+def _result(
+    problem: Problem,
+    outcome: LoopOutcome,
+    optimizer: str,
+    n_omitted: int,
+    absolute_sigma: bool,
+    start: Tensor,
+) -> FitResult:
+    space, model = problem.space, problem.model
+    theta = outcome.theta.detach()
+    params = space.to_params(theta.unsqueeze(0))[0]
+    free, P = space.free, len(space.names)
+    y, sigma = problem.y, problem.loss.sigma
+    cpu = y.device.type == "cpu"  # one fit's small arrays: NumPy's per-operation cost is lower
+    if cpu:
+        y, sigma = y.numpy(), None if sigma is None else sigma.numpy()
+    if outcome.rows is not None:  # the solver's [J; r] at theta, already divided by sigma
+        J_free, residuals = outcome.rows[:-1].T, outcome.rows[-1]
+        y_pred = y + (residuals if sigma is None else residuals * sigma)
+    else:
+        y_pred, J = _prediction_and_jacobian(model, problem.x, params)
+        if cpu:
+            y_pred, J = y_pred.numpy(), J.numpy()
+        residuals = y_pred - y if sigma is None else (y_pred - y) / sigma
+        J_free = J if len(free) == P else J[..., free]
+        if sigma is not None:
+            J_free = J_free / sigma[..., None]
+    fit_stats = stats.goodness(y, y_pred, residuals, len(free))
+    scale = 1.0 if absolute_sigma else fit_stats["reduced_chi2"]  # as curve_fit: sigma=1 if unset
+    if not math.isfinite(float(scale)):
+        scale = math.inf
+    estimability = stats.estimability(J_free)
+    cov = torch.as_tensor(stats.scaled(estimability.covariance, scale), device=params.device)
+    if len(free) < P:  # fixed parameters: zero rows and columns
+        full = torch.zeros(P, P, dtype=params.dtype, device=params.device)
+        full[[[i] for i in free], free] = cov
+        cov = full
+    return FitResult.build(
+        model=model,
+        problem=problem,
+        params=params,
+        covariance=cov,
+        outcome=outcome,
+        optimizer=optimizer,
+        statistics=fit_stats,
+        n_omitted=n_omitted,
+        absolute_sigma=absolute_sigma,
+        start=start,
+        estimability=estimability,
+    )
+
+
+def _prediction_and_jacobian(model: Model, x: Any, params: Tensor) -> tuple[Tensor, Tensor]:
+    symbolic = model.jacobian(x, params)
+    if symbolic is not None:
+        return symbolic[0].detach(), symbolic[1].detach()
+    with torch.enable_grad():
+        J = torch.func.jacfwd(lambda p: model(x, p))(params)  # (N, P)
+        y_pred = model(x, params)
+    return y_pred.detach(), J.detach()

@@ -1,0 +1,1 @@
+"""Tables in (CSV/TSV/text/Parquet/npz) and files out (written atomically)."""

@@ -1,0 +1,508 @@
+"""Models ``f(x, params)`` with named parameters: functions, expressions, built-ins, modules.
+
+Python functions come in two forms: SciPy's ``f(x, a, k, c)``, whose signature names the
+parameters (as ``curve_fit`` and lmfit read it), and the post's ``f(x, params)`` with the names
+given as ``Model(f, params=[...])``.
+
+Every model is called like the post's ``f(x, params)``. ``params`` is a tensor whose last
+dimension holds the parameters in ``param_names`` order; leading dimensions are curves
+(``[P]`` for one fit, ``[K, P]`` for ``K`` fits at once).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import numbers
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradfit.errors import ModelError, OptionError
+from gradfit.model import guesses as _guesses
+from gradfit.model.expr import Expression, parse_expression
+from gradfit.model.program import Program
+
+Tensor = torch.Tensor
+Variables = Tensor | Mapping[str, Tensor]
+GuessFn = _guesses.Guess  # guess(x, y, mask=None) -> [..., P]
+
+
+class Model:
+    """A model ``f(x, params)`` with named parameters.
+
+    Args:
+        spec: an expression string (``"a*exp(-k*t)+c"``), a built-in name (``"gaussian"``,
+            ``"polynomial3"``), a Python function (``f(x, a, k, c)`` or ``f(x, params)``, see
+            below) or a ``torch.nn.Module``.
+        params: parameter names of a function ``f(x, params)`` (required there), in the order
+            ``f`` unpacks them; for an expression, the order of the parameter vector.
+        independent: name(s) of the independent variable(s) in an expression.
+
+    Which form a function is in, read from its signature:
+
+    * ``f(x, params)``, the vector form, when its only parameters are ``x`` and one named
+      ``params``, ``p`` or ``theta``; or when ``params=`` is given and the signature does not
+      list exactly those names after ``x`` (so any ``f(x, w)`` with ``params=`` works as before).
+    * ``f(x, a, k, c)``, SciPy's form, otherwise: every positional parameter after ``x`` is a
+      model parameter, in signature order (``p0`` as a sequence follows it). A numeric default
+      (``c=0.0``) is that parameter's starting value (as in lmfit); others start at 1 (as in
+      ``curve_fit``). Keyword-only parameters with defaults are left alone; ``*args``, required
+      keyword-only parameters and non-numeric defaults are refused with a ``ModelError``.
+
+    Example:
+        >>> m = Model("a*x**2 + b*x + c")
+        >>> m.param_names
+        ('a', 'b', 'c')
+        >>> m(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 0.0, -1.0])).tolist()
+        [-1.0, 0.0, 3.0]
+        >>> def decay(t, a, k, c=0.0):
+        ...     return a * torch.exp(-k * t) + c
+        >>> Model(decay)
+        Model('decay(t, a, k, c)', params=['a', 'k', 'c'])
+    """
+
+    def __init__(
+        self,
+        spec: str | Callable[..., Tensor] | nn.Module,
+        *,
+        params: Sequence[str] | None = None,
+        independent: str | Sequence[str] = "x",
+    ) -> None:
+        self.independent = (independent,) if isinstance(independent, str) else tuple(independent)
+        self.expression: Expression | None = None
+        self.module: nn.Module | None = None
+        self.guess_fn: GuessFn | None = None
+        self._fn: Callable[..., Tensor]
+        self._defaults: tuple[float, ...] | None = None  # a SciPy-style function's starts
+        if isinstance(spec, str) and (builtin := get_builtin(spec)) is not None:
+            self.__dict__.update(builtin.__dict__)
+        elif isinstance(spec, str):
+            self._init_expression(spec, self.independent, params)
+        elif isinstance(spec, nn.Module):
+            self._init_module(spec)
+        elif callable(spec):
+            self._init_function(spec, params)
+        else:
+            raise ModelError(
+                "a model is an expression, built-in name, function or nn.Module, "
+                f"got {type(spec).__name__}"
+            )
+
+    def _init_expression(
+        self, text: str, independent: tuple[str, ...], params: Sequence[str] | None
+    ) -> None:
+        order = None if params is None else tuple(params)
+        self.expression, self.param_names, self._value, self._value_and_derivatives = _compile(
+            text, independent, order
+        )
+        self.formula = str(self.expression)
+        self.name = self.formula
+
+    def _init_module(self, module: nn.Module) -> None:
+        self.module = module
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ModelError("the nn.Module has no trainable parameters")
+        self._shapes = [(n, p.shape) for n, p in named]
+        self.param_names = tuple(
+            n if p.numel() == 1 else f"{n}[{i}]" for n, p in named for i in range(p.numel())
+        )
+        self.formula = type(module).__name__
+        self.name = self.formula
+
+    def _init_function(self, fn: Callable[..., Tensor], params: Sequence[str] | None) -> None:
+        self.name = getattr(fn, "__name__", type(fn).__name__)
+        signature = _function_signature(fn, self.name, params)
+        if signature is None:  # the vector form f(x, params)
+            if params is None:
+                raise ModelError(
+                    f"{self.name}(x, params) takes its parameters as one vector: name them with "
+                    "Model(f, params=[...]), or write f(x, a, b, ...) with one argument each"
+                )
+            if len(params) == 0 or len(set(params)) != len(params):
+                raise ModelError(
+                    f"parameter names must be unique and non-empty, got {list(params)}"
+                )
+            self._fn = fn
+            self.param_names = tuple(params)
+            self.formula = f"{self.name}(x, params)"
+            return
+        x_name, *names = signature.parameters
+        self._fn = _spread(fn)
+        self.param_names = tuple(names)
+        defaults = [signature.parameters[n].default for n in names]
+        if any(d is not inspect.Parameter.empty for d in defaults):
+            self._defaults = tuple(1.0 if d is inspect.Parameter.empty else d for d in defaults)
+        self.formula = f"{self.name}({x_name}, {', '.join(names)})"
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def __call__(self, x: Variables, params: Tensor) -> Tensor:
+        """Evaluate ``f(x, params)``; ``params`` is ``[P]`` or ``[K, P]``."""
+        if self.expression is not None:
+            return self._call_expression(x, params)
+        if self.module is not None:
+            return self._call_module(x, params)
+        if params.dim() == 1:
+            return self._fn(x, params)
+        x_dim = 0 if isinstance(x, Tensor) and x.dim() == 2 else None
+        return torch.func.vmap(self._fn, in_dims=(x_dim, 0))(x, params)
+
+    def _variables(self, x: Variables, params: Tensor) -> dict[str, Tensor]:
+        if isinstance(x, Mapping):
+            variables = dict(x)
+            missing = [n for n in self.independent if n not in variables]
+            if missing:
+                raise ModelError(f"no values given for independent variable(s) {missing}")
+        elif len(self.independent) == 1:
+            variables = {self.independent[0]: x}
+        else:
+            raise ModelError(
+                f"the model has independent variables {list(self.independent)}: pass x as a "
+                "mapping name -> array"
+            )
+        if params.dim() == 2:  # contiguous columns: broadcasting a strided view is 4x slower
+            columns = params.mT.contiguous().unsqueeze(-1).unbind(0)  # P x (K, 1)
+        else:
+            columns = params.unsqueeze(-1).unbind(-2)  # P views (..., 1): broadcast against x
+        variables.update(zip(self.param_names, columns, strict=True))
+        return variables
+
+    def _shape(self, x: Variables, params: Tensor) -> tuple[int, ...]:
+        # plain tuple arithmetic: torch.broadcast_shapes costs tens of microseconds per call
+        shapes = [v.shape for v in x.values()] if isinstance(x, Mapping) else [x.shape]
+        shapes.append((*params.shape[:-1], 1))
+        ndim = max(len(s) for s in shapes)
+        result = [1] * ndim
+        for shape in shapes:
+            for axis, size in enumerate(shape, start=ndim - len(shape)):
+                if size != 1:
+                    if result[axis] not in (1, size):
+                        raise ModelError(f"x and params do not broadcast: {shapes}")
+                    result[axis] = size
+        return tuple(result)
+
+    def _call_expression(self, x: Variables, params: Tensor) -> Tensor:
+        assert self.expression is not None
+        (out,) = self._value.run(self._variables(x, params))
+        return _broadcast(out, self._shape(x, params), params)
+
+    def jacobian(self, x: Variables, params: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(f(x, params), ∂f/∂params)`` with shapes ``[..., N]`` and ``[..., N, P]``.
+
+        Expressions differentiate symbolically once, so this costs a few fused tensor
+        expressions instead of autodiff; other models return None (use autodiff).
+        """
+        columns = self.value_and_derivatives(x, params)
+        if columns is None:
+            return None
+        return columns[0], torch.stack(columns[1:], dim=-1)
+
+    @property
+    def programs(self) -> tuple[Program, Program] | None:
+        """An expression's programs: its value, and its value with every derivative."""
+        if self.expression is None:
+            return None
+        return self._value, self._value_and_derivatives
+
+    def value_and_derivatives(self, x: Variables, params: Tensor) -> list[Tensor] | None:
+        """``[f, ∂f/∂p_1, ..., ∂f/∂p_P]``, each ``[..., N]``, for expressions; else None.
+
+        One straight-line program computes them all, sharing common subexpressions.
+        """
+        if self.expression is None:
+            return None
+        shape = self._shape(x, params)
+        values = self._value_and_derivatives.run(self._variables(x, params))
+        # constant derivatives come back as numbers or 0-d CPU tensors: place and broadcast them
+        return [_broadcast(v, shape, params) for v in values]
+
+    def _call_module(self, x: Variables, params: Tensor) -> Tensor:
+        assert self.module is not None
+        if not isinstance(x, Tensor):
+            raise ModelError("an nn.Module model takes x as one array")
+        if params.dim() > 1:
+            call = torch.func.vmap(self._call_module, in_dims=(0 if x.dim() == 2 else None, 0))
+            return call(x, params)
+        tensors, start = {}, 0
+        for name, shape in self._shapes:
+            size = shape.numel()
+            tensors[name] = params[start : start + size].reshape(shape)
+            start += size
+        column = x.dim() == 1  # curves are y(x): give the module a feature column
+        out = torch.func.functional_call(self.module, tensors, (x.unsqueeze(-1) if column else x,))
+        return out.squeeze(-1) if column and out.dim() == 2 and out.shape[-1] == 1 else out
+
+    # -- starting values --------------------------------------------------------------------
+
+    def initial_params(self, dtype: torch.dtype | None = None) -> Tensor | None:
+        """A module's current parameters as one flat vector, a SciPy-style function's numeric
+        defaults (1 where it has none), else None."""
+        if self._defaults is not None:
+            return torch.tensor(self._defaults, dtype=dtype or torch.float64)
+        if self.module is None:
+            return None
+        flat = torch.cat(
+            [p.detach().reshape(-1) for p in self.module.parameters() if p.requires_grad]
+        )
+        return flat.to(dtype) if dtype is not None else flat
+
+    def guess(self, x: Variables, y: Tensor) -> Tensor | None:
+        """Data-driven starting values ``[..., P]`` for built-ins, else None."""
+        if self.guess_fn is None or not isinstance(x, Tensor):
+            return None
+        return self.guess_fn(x, y)
+
+    def __repr__(self) -> str:
+        return f"Model({self.formula!r}, params={list(self.param_names)})"
+
+
+VECTOR_NAMES = ("params", "p", "theta")  # f(x, params): the second argument is the vector
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _function_signature(
+    fn: Callable[..., Tensor], name: str, params: Sequence[str] | None
+) -> inspect.Signature | None:
+    """SciPy form: the signature cut to ``x`` and the fitted parameters; None: vector form.
+
+    The rule is in ``Model``'s docstring.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C functions hide their signature
+        if params is None:
+            raise ModelError(
+                f"cannot read the signature of {name}; name its parameters with "
+                "Model(f, params=[...]) for f(x, params)"
+            ) from None
+        return None
+    every = list(signature.parameters.values())
+    positional = [p for p in every if p.kind in _POSITIONAL]
+    if len(positional) == 2 and positional[1].name in VECTOR_NAMES:
+        return None
+    listed = tuple(p.name for p in positional[1:])
+    if params is not None and (not params or listed != tuple(params)):
+        _check_vector_form(name, signature, listed)
+        return None  # f(x, w) with its names given: the vector form, as before
+    _check_scipy_form(name, signature, positional)
+    return signature.replace(parameters=positional)
+
+
+def _check_vector_form(name: str, signature: inspect.Signature, listed: tuple[str, ...]) -> None:
+    """``params=`` given for a function that cannot be called as ``f(x, params)``."""
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise ModelError(
+            f"{name}{signature} takes its parameters one by one ({', '.join(listed)}): leave "
+            "out params=, or list exactly those names"
+        ) from None
+
+
+def _check_scipy_form(
+    name: str, signature: inspect.Signature, positional: list[inspect.Parameter]
+) -> None:
+    """Refuse what a parameter list cannot name: ``*args``, required keyword-only arguments,
+    no parameter after ``x``, non-numeric defaults."""
+    shown = f"{name}{signature}"
+    every = list(signature.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in every):
+        raise ModelError(
+            f"{shown}: *args cannot name the parameters; list them, def f(x, a, b): ..., "
+            "or take one vector, f(x, params), with Model(f, params=[...])"
+        )
+    required = [
+        p.name
+        for p in every
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+    ]
+    if required:
+        raise ModelError(
+            f"{shown}: keyword-only parameters ({', '.join(required)}) are not fitted and have "
+            "no default; make them positional, def f(x, a, k), to fit them, or give defaults"
+        )
+    if len(positional) < 2:
+        raise ModelError(
+            f"{shown} has no parameters to fit: write f(x, a, b, ...) or f(x, params) with "
+            "Model(f, params=[...])"
+        )
+    for p in positional[1:]:
+        default = p.default
+        if default is not inspect.Parameter.empty and not _is_number(default):
+            raise ModelError(
+                f"{shown}: parameter {p.name!r} has the non-numeric default {default!r}; every "
+                "positional parameter after x is fitted (make it keyword-only to keep it out)"
+            )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _spread(fn: Callable[..., Tensor]) -> Callable[[Variables, Tensor], Tensor]:
+    """``f(x, a, k, c)`` called as ``f(x, params)``: one 0-d tensor per parameter."""
+
+    @functools.wraps(fn)
+    def call(x: Variables, params: Tensor) -> Tensor:
+        return fn(x, *params.unbind(-1))
+
+    return call
+
+
+def _broadcast(value: Tensor | float, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    if not isinstance(value, Tensor) or value.dim() == 0:
+        # a constant (a derivative such as 1): a broadcast view, not a [K, N] fill per call
+        one = torch.full((1,) * len(shape), float(value), dtype=like.dtype, device=like.device)
+        return one.expand(shape)
+    return value if tuple(value.shape) == shape else value.expand(shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(
+    text: str, independent: tuple[str, ...], params: tuple[str, ...] | None
+) -> tuple[Expression, tuple[str, ...], Program, Program]:
+    """Parse, differentiate and compile once per expression: fits in a loop reuse the work.
+
+    Returns the expression, the parameter order, and programs for the value alone and for the
+    value with every derivative (which share their common subexpressions).
+    """
+    expression = parse_expression(text, independent)
+    names = expression.param_names
+    if params is not None:  # the caller chooses the order of the parameter vector
+        if sorted(params) != sorted(names):
+            raise ModelError(
+                f"params {list(params)} do not match the expression's parameters {list(names)}"
+            )
+        names = params
+    derivatives = [expression.diff(name).root for name in names]
+    return (
+        expression,
+        names,
+        Program([expression.root], independent),
+        Program([expression.root, *derivatives], independent),
+    )
+
+
+def check_uses_independent(model: Model) -> None:
+    """Refuse an expression without its independent variable: a misspelt or renamed variable
+    (``a*x + b`` for data in ``t``) would silently make a constant model with a parameter x.
+
+    Example:
+        >>> check_uses_independent(Model("a*x + b", independent="t"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        gradfit.errors.ModelError: the model a*x + b does not use the independent variable 't'; ...
+    """
+    if model.expression is None or set(model.independent) & set(model.expression.names):
+        return
+    wanted = " or ".join(repr(v) for v in model.independent)
+    var = model.independent[0]
+    raise ModelError(
+        f"the model {model.formula} does not use the independent variable {wanted}; "
+        f"write it in {var} (a constant as 'c + 0*{var}')"
+    )
+
+
+def as_model(model: Model | str | Callable[..., Tensor] | nn.Module, **kwargs: Any) -> Model:
+    """Accept anything ``Model`` accepts, passing a ``Model`` through unchanged."""
+    return model if isinstance(model, Model) else Model(model, **kwargs)
+
+
+def _builtin(
+    name: str, text: str, guess: GuessFn, description: str, params: Sequence[str] | None = None
+) -> Model:
+    model = Model(text, params=params)
+    model.name, model.guess_fn, model.description = name, guess, description
+    return model
+
+
+def linear() -> Model:
+    """``a*x + b``, started from the exact least-squares line."""
+    return _builtin("linear", "a*x + b", _guesses.linear, "straight line")
+
+
+def polynomial(degree: int) -> Model:
+    """``c0 + c1*x + ... + cd*x**d``, started from the exact least-squares polynomial.
+
+    Example:
+        >>> polynomial(2).param_names
+        ('c0', 'c1', 'c2')
+    """
+    if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= 20:
+        raise OptionError(f"polynomial degree must be an integer in 0..20, got {degree!r}")
+    terms = ["c0"] + [f"c{k}*x" if k == 1 else f"c{k}*x**{k}" for k in range(1, degree + 1)]
+    text = " + ".join(terms) if degree > 0 else "c0 + 0*x"
+    return _builtin(f"polynomial{degree}", text, _guesses.polynomial(degree), f"degree {degree}")
+
+
+def exponential() -> Model:
+    """``a*exp(-k*x) + c``: decay (k > 0) or growth (k < 0) towards an offset."""
+    return _builtin("exponential", "a*exp(-k*x) + c", _guesses.exponential, "exponential decay")
+
+
+def gaussian() -> Model:
+    """``amplitude*exp(-(x-center)**2/(2*width**2)) + offset``: a Gaussian peak."""
+    text = "amplitude*exp(-(x - center)**2/(2*width**2)) + offset"
+    return _builtin("gaussian", text, _guesses.peak(gaussian=True), "Gaussian peak")
+
+
+def lorentzian() -> Model:
+    """``amplitude*width**2/((x-center)**2 + width**2) + offset``: a Lorentzian peak."""
+    text = "amplitude*width**2/((x - center)**2 + width**2) + offset"
+    order = ["amplitude", "center", "width", "offset"]  # as the Gaussian's
+    return _builtin("lorentzian", text, _guesses.peak(gaussian=False), "Lorentzian peak", order)
+
+
+def logistic() -> Model:
+    """``top/(1 + exp(-rate*(x - midpoint))) + bottom``: a sigmoid step."""
+    text = "top/(1 + exp(-rate*(x - midpoint))) + bottom"
+    return _builtin("logistic", text, _guesses.logistic, "logistic sigmoid")
+
+
+def power_law() -> Model:
+    """``a*x**b`` for x > 0."""
+    return _builtin("power_law", "a*x**b", _guesses.power_law, "power law")
+
+
+def sine() -> Model:
+    """``amplitude*sin(2*pi*frequency*x + phase) + offset``."""
+    text = "amplitude*sin(2*pi*frequency*x + phase) + offset"
+    return _builtin("sine", text, _guesses.sine, "sine wave")
+
+
+BUILTINS: dict[str, Callable[[], Model]] = {
+    "linear": linear,
+    "quadratic": lambda: polynomial(2),
+    "cubic": lambda: polynomial(3),
+    "exponential": exponential,
+    "gaussian": gaussian,
+    "lorentzian": lorentzian,
+    "logistic": logistic,
+    "power_law": power_law,
+    "sine": sine,
+}
+
+
+def get_builtin(name: str) -> Model | None:
+    """The built-in called ``name`` (``polynomialN``/``polyN`` for any degree), else None.
+
+    Example:
+        >>> get_builtin("poly3").param_names
+        ('c0', 'c1', 'c2', 'c3')
+    """
+    name = name.strip()
+    if name in BUILTINS:
+        return BUILTINS[name]()
+    match = re.fullmatch(r"(?:polynomial|poly)(\d{1,2})", name)
+    return polynomial(int(match.group(1))) if match else None
+
+
+def describe_builtins() -> list[tuple[str, str, tuple[str, ...]]]:
+    """``(name, formula, param_names)`` of the built-ins, for ``gradfit models``."""
+    models = [BUILTINS[n]() for n in BUILTINS] + [polynomial(4)]
+    return [(m.name, m.formula, m.param_names) for m in models]

@@ -1,0 +1,201 @@
+"""The Levenberg–Marquardt kernel of ``lm.py``, compiled with Numba, one curve at a time.
+
+The PyTorch kernel runs ~35 passes over ``[K, N]`` tensors per iteration and ~130 small
+operations at a few microseconds each: memory traffic bounds it for batches, per-operation
+overhead for single fits. This kernel (``kernel``) runs the same algorithm (same damping,
+geodesic acceleration, acceptance and stopping rules, same constants) for one curve after
+another, with the curve's points, Jacobian rows and registers in cache. It serves expression
+models (their program is data it can interpret, see ``interpreter``) with plain least
+squares or a named robust loss, in float64 on the CPU; everything else takes the PyTorch
+kernel. Both give each curve the same answer to rounding (tests compare them curve by curve).
+
+Two things differ from the PyTorch kernel, neither changing the arithmetic of a curve:
+masked points are dropped before the fit instead of zeroed in every pass, and a step whose
+damped system cannot be factorised is rejected without evaluating its (NaN) trial point.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gradfit.fitting.loop import Problem
+from gradfit.model.losses import LOSSES
+from gradfit.model.models import Model
+from gradfit.model.parameters import ParameterSpace
+from gradfit.optim import lm
+from gradfit.optim.compiled import kernel
+from gradfit.optim.compiled.interpreter import Code, encode
+from gradfit.optim.compiled.kernel import (
+    ARCTAN,
+    BOTH,
+    CAUCHY,
+    HUBER,
+    LOWER,
+    NO_BOUND,
+    PLAIN,
+    SOFT_L1,
+    UPPER,
+)
+from gradfit.results import stats
+
+_ROBUST = {LOSSES[name].rho: code for name, code in (
+    ("huber", HUBER), ("soft_l1", SOFT_L1), ("cauchy", CAUCHY), ("arctan", ARCTAN),
+)}  # fmt: skip
+# GRADFIT_COMPILED=0 sends every fit to the PyTorch kernel (to compare, or to rule this out)
+ENABLED = os.environ.get("GRADFIT_COMPILED", "1") != "0"
+
+
+def _codes(model: Model) -> tuple[Code, Code] | None:
+    """Value and value-with-derivatives programs of an expression model, as arrays."""
+    programs = model.programs
+    if programs is None or len(model.independent) != 1:
+        return None
+    (name,) = model.independent
+    value, full = (encode(p, name, model.param_names) for p in programs)
+    return None if value is None or full is None else (value, full)
+
+
+def supports(problem: Problem, robust: object, theta: torch.Tensor) -> bool:
+    """Whether this kernel can fit ``problem`` with ``robust`` (None: plain least squares;
+    else a loss's ``rho``); else use ``lm.levenberg_marquardt``."""
+    return (
+        ENABLED
+        and (robust is None or robust in _ROBUST)
+        and theta.dtype == torch.float64
+        and theta.device.type == "cpu"
+        and isinstance(problem.x, torch.Tensor)
+        and problem.y.device.type == "cpu"
+        and _codes(problem.model) is not None
+    )
+
+
+@dataclass
+class CompiledFit:
+    """Per-curve outcome of :func:`fit_curves` (NumPy arrays), with statistics at the solution."""
+
+    theta: np.ndarray  # (K, F) as lm.LMResult
+    cost: np.ndarray  # (K,)
+    n_iter: np.ndarray  # (K,)
+    status: np.ndarray  # (K,) LMStatus codes
+    n_eval: int
+    variance: np.ndarray  # (K, F) diagonal of (JᵀJ)⁻¹ in the model's parameters; NaN: singular
+    chi2: np.ndarray  # (K,) Σ r² of the weighted residuals
+    r2: np.ndarray  # (K,) 1 - SS_res / SS_tot (NaN for a constant curve)
+    n_points: np.ndarray  # (K,) valid points
+    # (K, F + 1, N) if asked for: [J; r] at theta, divided by sigma, J with respect to the
+    # model's own free parameters (with bounds, not the kernel's transformed ones)
+    rows: np.ndarray | None
+    history: np.ndarray | None  # (K, max_iter) cost after each iteration, if asked for
+
+
+def fit_curves(
+    problem: Problem,
+    theta0: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    ftol: float = lm.DEFAULT_FTOL,
+    xtol: float = lm.DEFAULT_XTOL,
+    gtol: float = lm.DEFAULT_GTOL,
+    max_iter: int = lm.DEFAULT_MAX_ITER,
+    geodesic: bool = True,
+    rows: bool = False,
+    history: bool = False,
+) -> CompiledFit:
+    """``lm.levenberg_marquardt`` for ``problem``'s K curves (see :func:`supports`).
+
+    ``mask`` (K, N) marks valid points. With ``history``, the cost after each iteration
+    (NaN once a curve stopped).
+    """
+    codes = _codes(problem.model)
+    assert codes is not None, "check supports() first"
+    value, full = codes
+    N = problem.y.shape[-1]
+    y = _array(problem.y).reshape(-1, N)
+    K = y.shape[0]
+    x = _array(problem.x).reshape(-1, N)
+    sigma = problem.loss.sigma
+    sigma_a = _array(sigma).reshape(-1, N) if sigma is not None else np.ones((0, N))
+    mask_a = np.ones((0, N), dtype=bool)  # (0, N): every point valid
+    if mask is not None:  # contiguous: a strided array would compile another specialisation
+        mask_a = np.ascontiguousarray(mask.numpy()).reshape(-1, N)
+    space = _space_arrays(problem.space)
+    tols = _tolerances(ftol, xtol, gtol)
+    F = len(space[1])
+    theta = np.array(theta0.detach().reshape(K, F).numpy(), dtype=np.float64)  # a copy
+    cost, chi2, r2 = np.empty(K), np.empty(K), np.empty(K)
+    n_iter, status, n_points = (np.empty(K, dtype=np.int64) for _ in range(3))
+    variance = np.empty((K, F))
+    rows_a = np.zeros((K if rows else 0, F + 1, N))
+    costs = np.full((K, max_iter) if history else (0, 0), math.nan)
+    loss = problem.loss
+    robust = (_ROBUST.get(loss.rho, PLAIN), float(loss.f_scale))  # type: ignore[arg-type]
+    n_eval = kernel.fit_curves(
+        value.arrays, full.arrays, (x, y, sigma_a, mask_a), space, robust, tols, max_iter,
+        geodesic,
+        (theta, cost, n_iter, status, variance, chi2, r2, n_points), rows_a, costs,
+    )  # fmt: skip
+    return CompiledFit(
+        theta, cost, n_iter, status, n_eval, variance, chi2, r2, n_points,
+        rows_a if rows else None, costs if history else None,
+    )  # fmt: skip
+
+
+def _space_arrays(space: ParameterSpace) -> tuple[np.ndarray, ...]:
+    return _bound_arrays(space.fixed, space.lower, space.upper)
+
+
+@functools.lru_cache(maxsize=64)
+def _bound_arrays(
+    fixed_values: tuple[float | None, ...],
+    lower: tuple[float | None, ...],
+    upper: tuple[float | None, ...],
+) -> tuple[np.ndarray, ...]:
+    """Fixed values (NaN: free), free indices, transform kinds and bounds, for the kernel."""
+    fixed = np.array([math.nan if v is None else v for v in fixed_values], dtype=np.float64)
+    free = np.array([i for i, v in enumerate(fixed_values) if v is None], dtype=np.int64)
+    kind = np.array([_kind(lower[i], upper[i]) for i in free], dtype=np.int64)
+    lo = np.array([lower[i] or 0.0 for i in free], dtype=np.float64)
+    hi = np.array([upper[i] or 0.0 for i in free], dtype=np.float64)
+    return fixed, free, kind, lo, hi
+
+
+@functools.lru_cache(maxsize=64)
+def _tolerances(ftol: float, xtol: float, gtol: float) -> np.ndarray:
+    """As ``lm.levenberg_marquardt``: raised to eps; the actual reduction not below noise;
+    then ``lm.py``'s constants (``kernel.SETTINGS`` names them).
+
+    The constants travel as data: Numba's disk cache is keyed on ``kernel.py``'s text alone,
+    so constants read from ``lm.py`` at compile time would go stale when only ``lm.py`` changes.
+    """
+    eps = float(np.finfo(np.float64).eps)
+    noise = lm._COST_NOISE * eps
+    tols = [max(ftol, eps), max(ftol, noise), noise, max(xtol, eps), max(gtol, eps)]
+    return np.array(tols + [lm_constant(name) for name in kernel.SETTINGS[5:]])
+
+
+def lm_constant(name: str) -> float:
+    """One of ``lm.py``'s constants by the name ``kernel.SETTINGS`` gives it."""
+    if name == "max_variance_inflation":
+        return stats.max_variance_inflation(torch.float64)
+    if name in ("lambda_stationary", "stationary"):
+        damping, tol = lm.stationary_tolerances(float(np.finfo(np.float64).eps))
+        return damping if name == "lambda_stationary" else tol
+    return float(getattr(lm, "_" + name.upper()))
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().numpy(), dtype=np.float64)
+
+
+def _kind(lower: float | None, upper: float | None) -> int:
+    if lower is not None and upper is not None:
+        return BOTH
+    if lower is not None:
+        return LOWER
+    return UPPER if upper is not None else NO_BOUND

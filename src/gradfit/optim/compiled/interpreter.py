@@ -1,0 +1,264 @@
+"""An expression :class:`~gradfit.program.Program` as arrays, and its evaluator in Numba.
+
+The compiled LM kernel (``lm_compiled``) fits one curve after another inside one native
+loop, so it cannot call back into PyTorch. It interprets the same straight-line program the
+PyTorch path runs: one opcode per step, applied to all of a curve's points in a tight loop
+(the dispatch costs once per step, not per point). Nothing is generated or executed from the
+user's text: the program is data, and the interpreter is fixed code compiled (and cached on
+disk) once per installation.
+
+Steps are evaluated at three rates: once per curve (functions of x alone, such as ``x**2``),
+once per evaluation as one number (functions of the parameters alone), and once per
+evaluation over the points.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from gradfit.model.program import _BIN, _CALL, _NUM, _POW_NUM, _VAR, Program
+
+# opcodes
+NUM, X, PARAM, POW_NUM, ADD, SUB, MUL, DIV, POW = range(9)
+_BINARY = {"+": ADD, "-": SUB, "*": MUL, "/": DIV, "**": POW}
+_FUNCTION_NAMES = (
+    "exp", "log", "log10", "sqrt", "sin", "cos", "tan", "arcsin", "arccos", "arctan",
+    "sinh", "cosh", "tanh", "abs", "erf", "sign",
+)  # fmt: skip
+_FIRST_FUNCTION = 16
+FUNCTIONS = {name: _FIRST_FUNCTION + i for i, name in enumerate(_FUNCTION_NAMES)}
+_EXP = FUNCTIONS["exp"]
+# evaluation rates
+SCALAR, PER_CURVE, PER_POINT = range(3)
+
+
+@dataclass(frozen=True)
+class Code:
+    """A program as arrays: step s computes ``op[s]`` of slots ``a[s]``, ``b[s]`` or ``c[s]``."""
+
+    op: np.ndarray  # int64 opcodes
+    a: np.ndarray  # int64 first operand slot (PARAM: parameter index)
+    b: np.ndarray  # int64 second operand slot
+    c: np.ndarray  # float64 constant or exponent
+    rate: np.ndarray  # int64 SCALAR, PER_CURVE or PER_POINT
+    outputs: np.ndarray  # int64 slots of the program's roots
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """``(op, a, b, c, rate, outputs)``: the form the compiled functions take."""
+        return self.op, self.a, self.b, self.c, self.rate, self.outputs
+
+
+@functools.lru_cache(maxsize=512)  # programs are shared per expression (models._compile)
+def encode(program: Program, independent: str, params: tuple[str, ...]) -> Code | None:
+    """``program`` as a :class:`Code`, or None if it uses a name the kernel cannot bind."""
+    n = program.n_steps
+    op, a, b = (np.zeros(n, dtype=np.int64) for _ in range(3))
+    c, rate = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int64)
+    uses_params = np.zeros(n, dtype=bool)
+    for s, (kind, arg, args) in enumerate(program.steps):
+        if len(args) > 0:
+            a[s] = args[0]
+        if len(args) > 1:
+            b[s] = args[1]
+        if kind == _NUM:
+            op[s], c[s] = NUM, float(arg)  # type: ignore[arg-type]
+        elif kind == _VAR and arg == independent:
+            op[s], rate[s] = X, PER_CURVE
+        elif kind == _VAR and arg in params:
+            op[s], a[s], uses_params[s] = PARAM, params.index(arg), True  # type: ignore[arg-type]
+        elif kind == _VAR:
+            return None  # another independent variable or a constant name
+        elif kind == _POW_NUM:
+            op[s], c[s] = POW_NUM, float(arg)  # type: ignore[arg-type]
+        elif kind == _BIN:
+            op[s] = _BINARY[arg]  # type: ignore[index]
+        elif kind == _CALL:
+            op[s] = FUNCTIONS[arg]  # type: ignore[index]
+        else:  # pragma: no cover - Program emits no other kinds
+            return None
+        if kind in (_POW_NUM, _BIN, _CALL):
+            operands = args
+            uses_params[s] = any(uses_params[i] for i in operands)
+            varies = any(rate[i] != SCALAR for i in operands)
+            if varies:
+                rate[s] = PER_POINT if uses_params[s] else PER_CURVE
+    return Code(op, a, b, c, rate, np.asarray(program.outputs, dtype=np.int64))
+
+
+# cached on disk; no GIL (fit_batch runs chunks in threads); x/0 gives inf, as in torch;
+# reassociation and FMA let LLVM vectorise the sums (not nnan/ninf: NaN and inf keep meaning)
+JIT = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": {"reassoc", "contract"}}
+
+
+@numba.njit(**JIT)
+def _int_power(u: float, n: int) -> float:
+    """u**n by repeated squaring: exact for negative bases, as torch's integer power."""
+    k = abs(n)
+    result, base = 1.0, u
+    while k > 0:
+        if k & 1:
+            result *= base
+        base *= base
+        k >>= 1
+    return 1.0 / result if n < 0 else result
+
+
+@numba.njit(**JIT)
+def _unary(op: int, u: float, c: float) -> float:
+    if op == POW_NUM:
+        if c == 2.0:
+            return u * u
+        if c == math.floor(c) and abs(c) <= 64:
+            return _int_power(u, int(c))
+        return u**c
+    f = op - _FIRST_FUNCTION
+    if f == 0:
+        return math.exp(u)
+    if f == 1:
+        return math.log(u) if u > 0 else (-math.inf if u == 0 else math.nan)
+    if f == 2:
+        return math.log10(u) if u > 0 else (-math.inf if u == 0 else math.nan)
+    if f == 3:
+        return math.sqrt(u) if u >= 0 else math.nan
+    if f == 4:
+        return math.sin(u)
+    if f == 5:
+        return math.cos(u)
+    if f == 6:
+        return math.tan(u)
+    if f == 7:
+        return math.asin(u) if abs(u) <= 1 else math.nan
+    if f == 8:
+        return math.acos(u) if abs(u) <= 1 else math.nan
+    if f == 9:
+        return math.atan(u)
+    if f == 10:
+        return math.sinh(u)
+    if f == 11:
+        return math.cosh(u)
+    if f == 12:
+        return math.tanh(u)
+    if f == 13:
+        return abs(u)
+    if f == 14:
+        return math.erf(u)
+    # sign
+    return 1.0 if u > 0 else (-1.0 if u < 0 else u)  # u: keeps 0 and NaN as they are
+
+
+@numba.njit(**JIT)
+def _binary(op: int, u: float, v: float) -> float:
+    if op == MUL:
+        return u * v
+    if op == ADD:
+        return u + v
+    if op == SUB:
+        return u - v
+    if op == DIV:
+        return u / v
+    return u**v
+
+
+@numba.njit(**JIT)
+def run(code, rate, x, n, params, regs):
+    """Evaluate ``code``'s steps of ``rate`` (PER_CURVE: with x; PER_POINT: with ``params``).
+
+    ``regs = (scalars (S,), points (S, N))`` are the registers: per-curve steps stay in them
+    between evaluations. ``n`` of the N columns are used.
+    """
+    code_op, code_a, code_b, code_c, code_rate = code[0], code[1], code[2], code[3], code[4]
+    scalars, points = regs
+    for s in range(code_op.shape[0]):
+        r = code_rate[s]
+        op = code_op[s]
+        if r == SCALAR:  # one number: cheap enough to refresh in every pass
+            if op == NUM:
+                scalars[s] = code_c[s]
+            elif op == PARAM:
+                scalars[s] = params[code_a[s]]
+            elif op >= ADD and op <= POW:
+                scalars[s] = _binary(op, scalars[code_a[s]], scalars[code_b[s]])
+            else:
+                scalars[s] = _unary(op, scalars[code_a[s]], code_c[s])
+            continue
+        if r != rate:
+            continue
+        out = points[s]
+        if op == X:
+            for i in range(n):
+                out[i] = x[i]
+        elif op >= ADD and op <= POW:
+            ia, ib = code_a[s], code_b[s]
+            if code_rate[ia] != SCALAR and code_rate[ib] != SCALAR:
+                _binary_points(op, points[ia], points[ib], out, n)
+            elif code_rate[ia] != SCALAR:
+                _binary_scalar(op, points[ia], scalars[ib], out, n, False)
+            else:
+                _binary_scalar(op, points[ib], scalars[ia], out, n, True)
+        else:
+            _unary_points(op, points[code_a[s]], code_c[s], out, n)
+
+
+# One loop per operation (not one branch per point): the loops vectorise.
+@numba.njit(**JIT)
+def _binary_points(op, u, v, out, n):
+    if op == MUL:
+        for i in range(n):
+            out[i] = u[i] * v[i]
+    elif op == ADD:
+        for i in range(n):
+            out[i] = u[i] + v[i]
+    elif op == SUB:
+        for i in range(n):
+            out[i] = u[i] - v[i]
+    elif op == DIV:
+        for i in range(n):
+            out[i] = u[i] / v[i]
+    else:
+        for i in range(n):
+            out[i] = u[i] ** v[i]
+
+
+@numba.njit(**JIT)
+def _binary_scalar(op, u, w, out, n, swapped):
+    """``u op w`` for a number w; ``w op u`` if ``swapped``."""
+    if op == MUL:
+        for i in range(n):
+            out[i] = u[i] * w
+    elif op == ADD:
+        for i in range(n):
+            out[i] = u[i] + w
+    elif op == SUB and swapped:
+        for i in range(n):
+            out[i] = w - u[i]
+    elif op == SUB:
+        for i in range(n):
+            out[i] = u[i] - w
+    elif op == DIV and swapped:
+        for i in range(n):
+            out[i] = w / u[i]
+    elif op == DIV:
+        for i in range(n):
+            out[i] = u[i] / w
+    else:
+        for i in range(n):
+            out[i] = _binary(op, w, u[i]) if swapped else _binary(op, u[i], w)
+
+
+@numba.njit(**JIT)
+def _unary_points(op, u, c, out, n):
+    if op == POW_NUM and c == 2.0:
+        for i in range(n):
+            out[i] = u[i] * u[i]
+    elif op == _EXP:
+        for i in range(n):
+            out[i] = math.exp(u[i])
+    else:
+        for i in range(n):
+            out[i] = _unary(op, u[i], c)

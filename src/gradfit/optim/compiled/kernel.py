@@ -1,0 +1,522 @@
+"""The compiled LM kernel itself: ``lm.py``'s iteration for one curve at a time, in Numba.
+
+Argument groups travel as tuples: ``code`` and ``regs`` (a program's arrays and registers,
+see ``interpreter``), ``space`` (fixed values, free indices, bound kinds, bounds) and
+``curve`` (one curve's valid points ``xs, ys, sigma``, their count, whether sigma is given).
+Step names and order follow ``lm.py``; so do the constants, which ``tols`` carries from it.
+The per-curve functions are inlined into the loop over curves: called, they cost a
+reference count per array in each tuple, about 1 µs of a quadratic fit's 4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from gradfit.optim.compiled.interpreter import JIT, PER_CURVE, PER_POINT, SCALAR, run
+from gradfit.optim.lm import LMStatus
+
+_RUNNING, _FTOL, _XTOL, _GTOL, _MAX_ITER, _NON_FINITE, _SINGULAR = (
+    int(LMStatus.RUNNING), int(LMStatus.FTOL), int(LMStatus.XTOL), int(LMStatus.GTOL),
+    int(LMStatus.MAX_ITER), int(LMStatus.NON_FINITE), int(LMStatus.SINGULAR),
+)  # fmt: skip
+# The ``tols`` array: the tolerances, then lm.py's constants (bridge._tolerances fills it;
+# at run time, since Numba's cache would keep constants frozen at compile time)
+SETTINGS = (
+    "ftol", "ftol_actual", "noise", "xtol", "gtol", "lambda0", "lambda_min", "lambda_max",
+    "accept", "scale_stale", "geodesic_h", "geodesic_alpha", "near_trust", "good_gain",
+    "lambda_stationary", "stationary", "max_variance_inflation",
+)  # fmt: skip
+_EPS = float(np.finfo(np.float64).eps)
+NO_BOUND, BOTH, LOWER, UPPER = range(4)
+PLAIN, HUBER, SOFT_L1, CAUCHY, ARCTAN = range(5)  # losses: rho codes
+_PLAIN = (PLAIN, 1.0)
+
+
+@numba.njit(**JIT)
+def fit_curves(value_code, full_code, data, space, robust, tols, max_iter, geodesic, out,
+               rows_out, costs):  # fmt: skip
+    """Fit each curve k of ``data = (x, y, sigma, mask)`` and write row k of ``out = (theta
+    (holding the starts), cost, n_iter, status, variance, chi2, r2, n_points)``; ``rows_out``
+    (the weighted rows [J; r] at the solution, J in the model's own free parameters) and
+    ``costs`` too when they have rows. Returns the number of evaluations."""
+    x, y, sigma, mask = data
+    fixed, free, kind, lo, hi = space
+    theta_out, cost_out, n_iter_out, status_out, variance_out, chi2_out, r2_out, n_out = out
+    K, N = y.shape
+    F = free.shape[0]
+    xs, ys, ss, where = np.empty(N), np.empty(N), np.empty(N), np.empty(N, dtype=np.int64)
+    value_regs = (np.empty(value_code[0].shape[0]), np.empty((value_code[0].shape[0], N)))
+    full_regs = (np.empty(full_code[0].shape[0]), np.empty((full_code[0].shape[0], N)))
+    params, chain, theta = np.empty(fixed.shape[0]), np.empty(F), np.empty(F)
+    vectors = np.empty((7, F))  # grad, new_grad and the iteration's F-vectors
+    matrices = np.empty((4, F, F))  # hess, new_hess, damped matrix, Cholesky factor
+    # current and trial point: Jacobian rows [J; r], then (robust losses) the rows' weights
+    # rho' + 2z rho'' and rho'·r; swapped together when a step is accepted
+    rows_pair = np.empty((2, F + 3, N))
+    u = np.empty(N)
+    no_bounds = (fixed, free, np.zeros(F, dtype=np.int64), lo, hi)
+    bounded = False
+    for j in range(F):
+        bounded |= kind[j] != NO_BOUND
+    n_eval = 0
+    for k in range(K):
+        n = _gather(k, x, y, sigma, mask, xs, ys, ss, where)
+        curve = (xs, ys, ss, n, sigma.shape[0] > 0)
+        theta[:] = theta_out[k]
+        _to_params(theta, space, params, chain)
+        run(value_code, PER_CURVE, xs, n, params, value_regs)
+        run(full_code, PER_CURVE, xs, n, params, full_regs)
+        status, it, cost2, evals, rows, hess = _fit_one(
+            value_code, full_code, value_regs, full_regs, curve, space, robust, tols,
+            max_iter, geodesic, theta, params, chain, vectors, matrices, rows_pair, u, costs, k,
+        )  # fmt: skip
+        n_eval += evals
+        theta_out[k] = theta
+        cost_out[k], n_iter_out[k], n_out[k] = 0.5 * cost2, it, n
+        status_out[k] = _MAX_ITER if status == _RUNNING else status
+        if bounded:  # statistics need derivatives in the model's own parameters
+            _to_params(theta, space, params, chain)
+            plain = vectors[2]
+            for j in range(F):
+                plain[j] = params[free[j]]
+            _point(full_code, full_regs, curve, plain, no_bounds, _PLAIN, params, chain, rows,
+                   hess, vectors[1])  # fmt: skip
+        elif robust[0] != 0:  # statistics use the plain JᵀJ, not the reweighted one
+            _gram(rows, n, hess, vectors[1])
+        _statistics(rows, hess, curve, matrices[3], matrices[2], k, variance_out, chi2_out,
+                    r2_out, tols[16])  # fmt: skip
+        if rows_out.shape[0] > 0:
+            for j in range(F + 1):
+                for i in range(n):
+                    rows_out[k, j, where[i]] = rows[j, i]
+    return n_eval
+
+
+@numba.njit(inline="always", **JIT)
+def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust, tols,
+             max_iter, geodesic, theta, params, chain, vectors, matrices, rows_pair, u, costs,
+             k):  # fmt: skip
+    """LM from ``theta`` (updated in place) for one curve; returns (status, iterations,
+    2·cost, evaluations, rows at theta, JᵀJ at theta)."""
+    tol_f, tol_fa, tol_noise, tol_x, tol_g = tols[0], tols[1], tols[2], tols[3], tols[4]
+    lambda0, lambda_min, lambda_max, accept, stale = tols[5], tols[6], tols[7], tols[8], tols[9]
+    h, near_trust, good_gain = tols[10], tols[12], tols[13]
+    grad, new_grad, trial, v, s, jtu, scale = (vectors[0], vectors[1], vectors[2], vectors[3],
+                                               vectors[4], vectors[5], vectors[6])  # fmt: skip
+    hess, new_hess, A, L = matrices[0], matrices[1], matrices[2], matrices[3]
+    rows, new_rows = rows_pair[0], rows_pair[1]
+    F = theta.shape[0]
+    # -- the starting point (lm._State.start)
+    cost2 = _point(full_code, full_regs, curve, theta, space, robust, params, chain, rows, hess,
+                   grad)  # fmt: skip
+    evals = 1
+    n, cost2_start = curve[3], cost2
+    status = _GTOL if _gtol_hit(grad, rows, hess, n, robust, cost2, tol_g) else _RUNNING
+    for j in range(F):
+        scale[j] = _column2(rows, hess, j, n, robust)
+        if scale[j] == 0:  # MINPACK: a zero column is scaled by 1 (it does not move this step)
+            scale[j] = 1.0
+    if not math.isfinite(cost2):
+        status = _NON_FINITE
+    lam, nu = lambda0, 2.0
+    it = 0
+    while status == _RUNNING and it < max_iter:  # -- lm._iterate
+        factored, dv2, dx2, pred2 = _velocity(hess, grad, scale, lam, theta, A, L, v)
+        accepted = f_hit = x_hit = False
+        rho = new_cost2 = math.nan
+        if factored:  # a failed factorisation rejects the step without evaluating it
+            noise = tol_noise * cost2
+            tiny = pred2 <= noise
+            excess = 0.0
+            if geodesic:
+                excess = _acceleration(value_code, value_regs, curve, space, robust, theta, v,
+                                       rows, L, scale, dv2, params, chain, trial, u, jtu, s,
+                                       tols)  # fmt: skip
+                evals += 1
+            trusted = excess <= 1
+            for j in range(F):
+                trial[j] = theta[j] + (v[j] - s[j] / (h * h) if geodesic and trusted else v[j])
+            new_cost2 = _point(full_code, full_regs, curve, trial, space, robust, params, chain,
+                               new_rows, new_hess, new_grad)  # fmt: skip
+            evals += 1
+            actred2 = cost2 - new_cost2
+            rho = actred2 / pred2  # gain ratio
+            ok = not geodesic or trusted or tiny or (excess <= near_trust and rho > good_gain)
+            accepted = ok and (rho > accept or (tiny and abs(actred2) <= noise))
+            f_hit = pred2 <= tol_f * cost2 and abs(actred2) <= tol_fa * cost2
+            x_hit = dv2 <= tol_x * tol_x * dx2
+        # Nielsen's damping update
+        if accepted:
+            shrink = 1 - (2 * rho - 1) ** 3
+            lam *= 1 / 3 if shrink < 1 / 3 else (2.0 if shrink > 2 else shrink)
+            nu = 2.0
+        else:
+            lam *= nu
+            nu *= 2
+        if lam < lambda_min:
+            lam = lambda_min
+        if accepted:  # take the trial point's buffers (a swap, not a copy)
+            rows, new_rows = new_rows, rows
+            hess, new_hess = new_hess, hess
+            grad, new_grad = new_grad, grad
+            cost2 = new_cost2
+            for j in range(F):
+                theta[j] = trial[j]
+                scale[j] = _rescale(scale[j], _column2(rows, hess, j, n, robust), stale)
+        status = _GTOL if _gtol_hit(grad, rows, hess, n, robust, cost2, tol_g) else _RUNNING
+        if x_hit:
+            status = _XTOL
+        if f_hit:
+            status = _FTOL
+        # a small step or reduction says "converged" only at a stationary point
+        if (x_hit or f_hit) and not (
+            _exact(theta, scale, cost2, cost2_start, tols)
+            or _stationary(hess, grad, scale, cost2, tols, A, L, s)
+        ):
+            status = _RUNNING
+        if not factored and lam > lambda_max:
+            status = _SINGULAR
+        if costs.shape[0] > 0:
+            costs[k, it] = 0.5 * cost2
+        it += 1
+    return status, it, cost2, evals, rows, hess
+
+
+@numba.njit(inline="always", **JIT)
+def _velocity(hess, grad, scale, lam, theta, A, L, v):
+    """v = -(JᵀJ + λD²)⁻¹ Jᵀr; returns (factored, |Dv|², |Dθ|², twice the predicted
+    reduction λ|Dv|² - gᵀv)."""
+    F = theta.shape[0]
+    for a in range(F):
+        for b in range(F):
+            A[a, b] = hess[a, b]
+        A[a, a] += lam * scale[a]
+    if not _cholesky(A, L):
+        return False, math.nan, math.nan, math.nan
+    _cholesky_solve(L, grad, v)
+    dv2 = dx2 = gv = 0.0
+    for j in range(F):
+        v[j] = -v[j]
+        dv2 += scale[j] * v[j] * v[j]
+        dx2 += scale[j] * theta[j] * theta[j]
+        gv += grad[j] * v[j]
+    return True, dv2, dx2, lam * dv2 - gv
+
+
+@numba.njit(inline="always", **JIT)
+def _acceleration(value_code, value_regs, curve, space, robust, theta, v, rows, L, scale, dv2,
+                  params, chain, trial, u, jtu, s, tols):  # fmt: skip
+    """Transtrum–Sethna (lm._geodesic): s = (JᵀJ + λD²)⁻¹ Jᵀu with u = r(θ + hv) - r(θ) - hJv;
+    the acceleration is -2s/h². Returns the excess (2|Da| / α|Dv|)², trusted when <= 1."""
+    F, n = theta.shape[0], curve[3]
+    h, alpha = tols[10], tols[11]
+    for j in range(F):
+        trial[j] = theta[j] + h * v[j]
+    _residuals(value_code, value_regs, curve, trial, space, params, chain, u)
+    _axpy(u, rows[F], -1.0, n)
+    for j in range(F):
+        _axpy(u, rows[j], -h * v[j], n)
+    if robust[0] != 0:  # reweighted rows, as the normal equations
+        weight = rows[F + 1]
+        for i in range(n):
+            u[i] *= weight[i]
+    for j in range(F):
+        jtu[j] = _dot(u, rows[j], n)
+    _cholesky_solve(L, jtu, s)
+    ds2 = 0.0
+    for j in range(F):
+        ds2 += scale[j] * s[j] * s[j]
+    return ds2 / ((alpha * h * h / 4) ** 2 * dv2)
+
+
+@numba.njit(**JIT)
+def _gather(k, x, y, sigma, mask, xs, ys, ss, where):
+    """Curve k's valid points, in order, into xs, ys, ss (positions in ``where``); their count."""
+    N = y.shape[1]
+    xk = x[k if x.shape[0] > 1 else 0]
+    n = 0
+    for i in range(N):
+        if mask.shape[0] == 0 or mask[k if mask.shape[0] > 1 else 0, i]:
+            xs[n], ys[n], where[n] = xk[i], y[k, i], i
+            ss[n] = sigma[k if sigma.shape[0] > 1 else 0, i] if sigma.shape[0] > 0 else 1.0
+            n += 1
+    return n
+
+
+@numba.njit(inline="always", **JIT)
+def _to_params(theta, space, params, chain):
+    """MINUIT's bound transforms (``ParameterSpace.to_params``) and their derivatives."""
+    fixed, free, kind, lo, hi = space
+    for i in range(fixed.shape[0]):
+        params[i] = fixed[i]
+    for j in range(free.shape[0]):
+        t, k = theta[j], kind[j]
+        if k == NO_BOUND:
+            params[free[j]], chain[j] = t, 1.0
+        elif k == BOTH:
+            params[free[j]] = lo[j] + (hi[j] - lo[j]) * (math.sin(t) + 1) / 2
+            chain[j] = (hi[j] - lo[j]) / 2 * math.cos(t)
+        else:
+            root = math.sqrt(t * t + 1)
+            if k == LOWER:
+                params[free[j]], chain[j] = lo[j] - 1 + root, t / root
+            else:
+                params[free[j]], chain[j] = hi[j] + 1 - root, -t / root
+
+
+@numba.njit(inline="always", **JIT)
+def _point(code, regs, curve, theta, space, robust, params, chain, rows, hess, grad):
+    """Rows [J; r] at theta (∂r/∂θ_j through the bound transforms, all divided by sigma),
+    then JᵀJ and Jᵀr (reweighted for a robust loss); returns twice the cost, NaN where the
+    Jacobian is not finite."""
+    xs, _, ss, n, has_sigma = curve
+    free = space[1]
+    _to_params(theta, space, params, chain)
+    run(code, PER_POINT, xs, n, params, regs)
+    scalars, points = regs
+    rate, outputs = code[4], code[5]
+    F = free.shape[0]
+    for j in range(F):
+        slot, ch, row = outputs[1 + free[j]], chain[j], rows[j]
+        if rate[slot] == SCALAR:
+            value = scalars[slot] * ch
+            for i in range(n):
+                row[i] = value
+        else:
+            column = points[slot]
+            for i in range(n):
+                row[i] = column[i] * ch
+        if has_sigma:
+            _divide(row, ss, n)
+    _residual_row(code, regs, curve, rows[F])
+    if robust[0] == 0:
+        return _gram(rows, n, hess, grad)
+    return _robust_gram(rows, n, hess, grad, robust)
+
+
+@numba.njit(inline="always", **JIT)
+def _residuals(code, regs, curve, theta, space, params, chain, out):
+    _to_params(theta, space, params, chain)
+    run(code, PER_POINT, curve[0], curve[3], params, regs)
+    _residual_row(code, regs, curve, out)
+
+
+@numba.njit(inline="always", **JIT)
+def _residual_row(code, regs, curve, out):
+    """(f - y) / sigma from the program's value root."""
+    _, ys, ss, n, has_sigma = curve
+    scalars, points = regs
+    slot = code[5][0]
+    if code[4][slot] == SCALAR:
+        value = scalars[slot]
+        for i in range(n):
+            out[i] = value - ys[i]
+    else:
+        column = points[slot]
+        for i in range(n):
+            out[i] = column[i] - ys[i]
+    if has_sigma:
+        _divide(out, ss, n)
+
+
+@numba.njit(**JIT)
+def _gram(rows, n, hess, grad):
+    """JᵀJ and Jᵀr from the rows [J; r]; returns rᵀr, NaN where JᵀJ is not finite."""
+    F = hess.shape[0]
+    diagonal = 0.0
+    for a in range(F):
+        for b in range(a, F):
+            hess[a, b] = hess[b, a] = _dot(rows[a], rows[b], n)
+        grad[a] = _dot(rows[a], rows[F], n)
+        diagonal += hess[a, a]
+    return _dot(rows[F], rows[F], n) + 0.0 * diagonal  # inf * 0 and NaN * 0 are NaN
+
+
+@numba.njit(**JIT)
+def _robust_gram(rows, n, hess, grad, robust):
+    """SciPy's scaling for robust losses (lm._Evaluator._robust_point): with z = (r/f)², the
+    gradient Σ rho'·r·J and the matrix Σ (rho' + 2z rho'')·J Jᵀ; returns f² Σ rho."""
+    F = hess.shape[0]
+    loss, f = robust
+    r, weight, d1r = rows[F], rows[F + 1], rows[F + 2]
+    total = 0.0
+    for i in range(n):
+        z = (r[i] / f) ** 2
+        rho, d1, d2 = _rho(loss, z)
+        w = d1 + 2 * d2 * z
+        weight[i] = _EPS if w < _EPS else w  # NaN stays NaN, as torch's clamp
+        d1r[i] = d1 * r[i]
+        total += rho
+    diagonal = 0.0
+    for a in range(F):
+        for b in range(a, F):
+            acc = 0.0
+            for i in range(n):
+                acc += weight[i] * rows[a, i] * rows[b, i]
+            hess[a, b] = hess[b, a] = acc
+        grad[a] = _dot(d1r, rows[a], n)
+        diagonal += hess[a, a]
+    return f * f * total + 0.0 * diagonal
+
+
+@numba.njit(**JIT)
+def _rho(loss, z):
+    """(rho, rho', rho'') of ``losses.py``'s robust losses at z (SciPy's convention)."""
+    if loss == HUBER:
+        if z <= 1:
+            return z, 1.0, 0.0
+        root = math.sqrt(z)
+        return 2 * root - 1, 1 / root, -0.5 / (root * z)
+    if loss == SOFT_L1:
+        t = 1 + z
+        root = math.sqrt(t)
+        return 2 * (root - 1), 1 / root, -0.5 / (t * root)
+    if loss == CAUCHY:
+        t = 1 + z
+        return math.log1p(z), 1 / t, -1 / t**2
+    t = 1 + z**2  # arctan
+    return math.atan(z), 1 / t, -2 * z / t**2
+
+
+@numba.njit(**JIT)
+def _rescale(scale, column2, stale):
+    """lm._rescale: MINPACK's non-decreasing scale, at most ``stale`` times the column's."""
+    if not column2 > 0:
+        return scale
+    return min(max(scale, column2), column2 * stale)
+
+
+@numba.njit(**JIT)
+def _column2(rows, hess, j, n, robust):
+    """|J_j|², the squared norm of column j of the un-reweighted Jacobian."""
+    return hess[j, j] if robust[0] == 0 else _dot(rows[j], rows[j], n)
+
+
+@numba.njit(**JIT)
+def _gtol_hit(grad, rows, hess, n, robust, cost2, gtol):
+    """MINPACK's max_j |g_j| / (|J_j| |r|) <= gtol, squared; zero columns and exact fits pass."""
+    for j in range(grad.shape[0]):  # Numba compiles loops, not all(generator)
+        if not grad[j] * grad[j] <= gtol * gtol * cost2 * _column2(rows, hess, j, n, robust):
+            return False
+    return True
+
+
+@numba.njit(**JIT)
+def _exact(theta, scale, cost2, cost2_start, tols):
+    """lm._stationary's exact-fit case: the residuals are rounding noise."""
+    dx2 = 0.0
+    for j in range(theta.shape[0]):
+        dx2 += scale[j] * theta[j] * theta[j]
+    noise = tols[2]  # _COST_NOISE eps
+    return cost2 <= _EPS * cost2_start or cost2 <= noise * noise * dx2
+
+
+@numba.njit(**JIT)
+def _stationary(hess, grad, scale, cost2, tols, A, L, w):
+    """lm._stationary, less its exact-fit case (``_exact``): the nearly undamped step predicts
+    a relative reduction below tolerance."""
+    F = grad.shape[0]
+    for a in range(F):
+        for b in range(F):
+            A[a, b] = hess[a, b]
+        A[a, a] += tols[14] * scale[a]
+    if not _cholesky(A, L):
+        return False
+    _cholesky_solve(L, grad, w)
+    return _dot(grad, w, F) <= max(tols[0], tols[15]) * cost2
+
+
+@numba.njit(**JIT)
+def _statistics(rows, hess, curve, L, W, k, variance_out, chi2_out, r2_out, max_inflation):
+    """χ², R² and the diagonal of (JᵀJ)⁻¹ (as ``batch._curve_statistics``) into row k; NaN
+    where it inflates the parameter beyond ``max_inflation`` (``stats.estimable_variance``)."""
+    _, ys, ss, n, has_sigma = curve
+    F = hess.shape[0]
+    r = rows[F]
+    chi2 = _dot(r, r, n)
+    if _cholesky(hess, L):
+        # W = L⁻¹ (lower triangular); (JᵀJ)⁻¹ = WᵀW, whose diagonal is Σ_i W[i, j]²
+        for j in range(F):
+            W[j, j] = 1 / L[j, j]
+            for i in range(j + 1, F):
+                acc = 0.0
+                for m in range(j, i):
+                    acc += L[i, m] * W[m, j]
+                W[i, j] = -acc / L[i, i]
+        for j in range(F):
+            acc = 0.0
+            for i in range(j, F):
+                acc += W[i, j] * W[i, j]
+            estimable = acc > 0 and acc * hess[j, j] <= max_inflation
+            variance_out[k, j] = acc if estimable else math.nan
+    else:
+        variance_out[k, :] = math.nan
+    mean = 0.0
+    for i in range(n):
+        mean += ys[i]
+    mean /= max(n, 1)
+    ss_tot = ss_res = 0.0
+    for i in range(n):
+        ss_tot += (ys[i] - mean) ** 2
+        ss_res += (r[i] * ss[i]) ** 2 if has_sigma else r[i] * r[i]  # (y - f)²
+    chi2_out[k] = chi2
+    r2_out[k] = 1 - ss_res / ss_tot if ss_tot > 0 else math.nan
+
+
+# -- small dense linear algebra and vector loops (vectorised by LLVM)
+
+
+@numba.njit(**JIT)
+def _cholesky(A, L):
+    """Lower factor of the SPD ``A`` into ``L``; False where A is not positive definite."""
+    F = A.shape[0]
+    for i in range(F):
+        for j in range(i + 1):
+            s = A[i, j]
+            for k in range(j):
+                s -= L[i, k] * L[j, k]
+            if i == j:
+                if not s > 0:
+                    return False
+                L[i, i] = math.sqrt(s)
+            else:
+                L[i, j] = s / L[j, j]
+    return True
+
+
+@numba.njit(**JIT)
+def _cholesky_solve(L, b, out):
+    F = L.shape[0]
+    for i in range(F):
+        s = b[i]
+        for k in range(i):
+            s -= L[i, k] * out[k]
+        out[i] = s / L[i, i]
+    for i in range(F - 1, -1, -1):
+        s = out[i]
+        for k in range(i + 1, F):
+            s -= L[k, i] * out[k]
+        out[i] = s / L[i, i]
+
+
+@numba.njit(**JIT)
+def _dot(u, w, n):
+    s = 0.0
+    for i in range(n):
+        s += u[i] * w[i]
+    return s
+
+
+@numba.njit(**JIT)
+def _axpy(u, row, w, n):
+    for i in range(n):
+        u[i] += w * row[i]
+
+
+@numba.njit(**JIT)
+def _divide(row, ss, n):
+    for i in range(n):
+        row[i] /= ss[i]

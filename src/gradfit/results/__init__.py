@@ -1,0 +1,1 @@
+"""What a fit returns: ``FitResult``, ``BatchResult``, their statistics and warnings."""
