@@ -18,10 +18,15 @@ $(VENV)/.dev: $(BIN)/gradfit
 demo: $(BIN)/gradfit
 	$(BIN)/gradfit demo --out gradfit-demo --overwrite
 
+# the behaviour tests once more on the PyTorch LM kernel alone (test_lm_compiled and test_mgh
+# compare the two kernels directly)
+KERNEL_TESTS := tests/test_nist_fit.py tests/test_robust_vs_scipy.py tests/test_fit.py tests/test_warnings.py
+
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+	GRADFIT_COMPILED=0 $(BIN)/python -m pytest $(KERNEL_TESTS)
 
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/bench_demo_loop.py

@@ -3,13 +3,16 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_fit import assert_dict_matches_result  # tests/ is on sys.path (conftest)
 from typer.testing import CliRunner
 
+import gradfit as gf
 from gradfit.cli.app import app
 
 runner = CliRunner()
@@ -57,20 +60,26 @@ def test_fit_writes_results_plots_and_report(decay_csv, tmp_path):
         "report.html",
     }
     data = json.loads((out / "results.json").read_text())
-    for key in (
-        "params",
-        "loss",
-        "history",
-        "n_iter",
-        "converged",
-        "optimizer",
-        "loss_name",
-        "model",
-        "stderr",
-    ):
-        assert key in data
+    # the same fit through the library: results.json holds its values, each one
+    table = np.loadtxt(decay_csv, delimiter=",", skiprows=1)
+    t, counts, err = table.T
+    model = gf.Model("a*exp(-k*t)+c", independent=["t"])
+    p0 = {"a": 50.0, "k": 0.1, "c": 0.0}
+    same = gf.fit(model, {"t": t}, counts, sigma=err, p0=p0, progress=True)
+    assert_dict_matches_result(data, same, rel=1e-9)
+    # and the values computable from the table alone
+    a, k, c = (data["params"][name] for name in "akc")
+    weighted = (counts - (a * np.exp(-k * t) + c)) / err
+    chi2, n = float(weighted @ weighted), t.size
+    assert data["n_points"] == n and data["dof"] == n - 3
+    assert data["chi2"] == pytest.approx(chi2, rel=1e-10)
+    assert data["reduced_chi2"] == pytest.approx(chi2 / (n - 3), rel=1e-10)
+    assert data["loss"] == pytest.approx(chi2 / n, rel=1e-10)
+    assert data["model"] == model.formula and data["param_names"] == ["a", "k", "c"]
+    assert (data["loss_name"], data["optimizer"]) == ("mse", "lm")
+    assert data["n_iter"] == len(data["history"]) and data["warnings"] == []
     assert data["params"]["k"] == pytest.approx(0.4, rel=0.05)
-    assert data["converged"] is True
+    assert data["converged"] is True and data["status"] == "converged"
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "http" not in html.split("<body>")[1]
     assert "[[Parameters]]" in result.output
@@ -144,11 +153,22 @@ def test_models_lists_the_builtins():
     } <= names
 
 
-def test_installed_console_script_runs():
-    result = subprocess.run(
-        [sys.executable, "-m", "gradfit.cli", "--help"], capture_output=True, text=True
-    )
-    assert result.returncode == 0 and "demo" in result.stdout
+def test_installed_console_script_runs(decay_csv):
+    # the `gradfit` entry point that installing the package put beside this interpreter
+    name = "gradfit.exe" if sys.platform == "win32" else "gradfit"
+    script = Path(sys.executable).parent / name
+    if not script.is_file():
+        pytest.skip(f"no installed gradfit console script beside {sys.executable}")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "demo" in result.stdout and "fit-many" in result.stdout
+    args = ["fit", decay_csv, "--x", "t", "--y", "counts", "--model", "linear", "--json"]
+    result = subprocess.run([script, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["param_names"] == ["a", "b"]
+    result = subprocess.run([script, "fit", decay_csv, "--model", "linear"], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
 
 
 def test_a_diverging_fit_exits_3_and_still_writes_its_results(decay_csv, tmp_path):

@@ -1,5 +1,6 @@
 """`gradfit.fit` against independent references: closed-form least squares, torch.optim."""
 
+import json
 import math
 
 import numpy as np
@@ -180,30 +181,113 @@ def test_tol_stops_the_loop_early():
     assert "tol" in result.message
 
 
-def test_predict_and_json_round_trip():
+#: every key of ``FitResult.to_dict()``: a new key must be added here, and so compared below
+DICT_KEYS = {
+    "model", "param_names", "params", "stderr", "covariance", "correlation", "loss",
+    "loss_name", "optimizer", "n_iter", "n_eval", "converged", "status", "message",
+    "warnings", "n_points", "n_omitted", "dof", "chi2", "reduced_chi2", "r2", "aic", "bic",
+    "absolute_sigma", "fixed", "at_bound", "history",
+}  # fmt: skip
+
+
+def assert_dict_matches_result(data, result, rel=0.0):
+    """Every value of ``data`` (``to_dict()``, ``to_json()``, results.json) against ``result``.
+
+    Numbers equal the result's own (``rel``: relative tolerance; 0 is exact), NaN/inf are
+    JSON null; stderr is null for fixed and undetermined parameters.
+    """
+
+    def number(got, want):
+        if want is None or not math.isfinite(want):
+            assert got is None, (got, want)
+        else:
+            assert got == pytest.approx(float(want), rel=rel, abs=0), (got, want)
+
+    def numbers(got, want):
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            if isinstance(w, list):
+                numbers(g, w)
+            else:
+                number(g, w)
+
+    assert set(data) == DICT_KEYS
+    assert data["model"] == getattr(result.model, "formula", str(result.model))
+    assert data["param_names"] == list(result.param_names)
+    assert list(data["params"]) == list(result.params) == list(result.param_names)
+    numbers(list(data["params"].values()), list(result.params.values()))
+    assert list(data["stderr"]) == list(result.param_names)
+    numbers(list(data["stderr"].values()), list(result.stderr.values()))
+    numbers(data["covariance"], result.covariance.tolist())
+    numbers(data["correlation"], result.correlation.tolist())
+    for key in ("loss", "chi2", "reduced_chi2", "r2", "aic", "bic"):
+        number(data[key], getattr(result, key))
+    numbers(data["history"], result.history)
+    for key in (
+        "loss_name", "optimizer", "n_iter", "n_eval", "converged", "status", "message",
+        "warnings", "n_points", "n_omitted", "dof", "absolute_sigma",
+    ):  # fmt: skip
+        assert data[key] == getattr(result, key), key
+    assert type(data["converged"]) is bool and type(data["absolute_sigma"]) is bool
+    assert data["fixed"] == list(result.fixed)
+    assert data["at_bound"] == list(result.at_bound)
+
+
+def test_predict_and_json_round_trip(tmp_path):
     x, y = gf.datasets.quadratic(seed=2)
     result = gf.fit("a*x**2 + b*x + c", x, y)
     p = values(result)
     grid = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64)
     torch.testing.assert_close(result.predict(grid), p[0] * grid**2 + p[1] * grid + p[2])
-    data = __import__("json").loads(result.to_json())
-    for key in (
-        "params",
-        "loss",
-        "history",
-        "n_iter",
-        "converged",
-        "optimizer",
-        "loss_name",
-        "model",
-        "stderr",
-        "covariance",
-        "r2",
-        "aic",
-        "bic",
-        "reduced_chi2",
-    ):
-        assert key in data
+    as_dict = result.to_dict()
+    assert_dict_matches_result(as_dict, result)
+    assert json.loads(result.to_json()) == as_dict  # JSON loses nothing: floats round-trip
+    assert json.loads(result.save(tmp_path / "results.json").read_text()) == as_dict
+    # the values computable without gradfit: least squares by hand on the design matrix
+    xd, yd = x.double(), y.double()
+    design = torch.stack([xd**2, xd, torch.ones_like(xd)], dim=1)
+    n, k = len(xd), 3
+    residuals = yd - design @ p
+    chi2 = float(residuals @ residuals)
+    assert list(as_dict["params"].values()) == pytest.approx(closed_form(x, y).tolist())
+    assert as_dict["n_points"] == n and as_dict["n_omitted"] == 0
+    assert as_dict["dof"] == n - k
+    assert as_dict["chi2"] == pytest.approx(chi2, rel=1e-10)
+    assert as_dict["loss"] == pytest.approx(chi2 / n, rel=1e-10)  # mse
+    assert as_dict["history"][-1] == pytest.approx(chi2 / n, rel=1e-10)
+    assert as_dict["n_iter"] == len(as_dict["history"])
+    assert as_dict["reduced_chi2"] == pytest.approx(chi2 / (n - k), rel=1e-10)
+    assert as_dict["r2"] == pytest.approx(1 - chi2 / float(((yd - yd.mean()) ** 2).sum()))
+    assert as_dict["aic"] == pytest.approx(n * math.log(chi2 / n) + 2 * k, rel=1e-10)
+    assert as_dict["bic"] == pytest.approx(n * math.log(chi2 / n) + math.log(n) * k, rel=1e-10)
+    covariance = chi2 / (n - k) * torch.linalg.inv(design.T @ design)
+    np.testing.assert_allclose(as_dict["covariance"], covariance.numpy(), rtol=1e-8)
+    stderr = covariance.diagonal().sqrt()
+    assert list(as_dict["stderr"].values()) == pytest.approx(stderr.tolist(), rel=1e-8)
+    correlation = covariance / torch.outer(stderr, stderr)
+    np.testing.assert_allclose(as_dict["correlation"], correlation.numpy(), rtol=1e-8)
+    assert as_dict["param_names"] == list("abc")
+    assert (as_dict["optimizer"], as_dict["loss_name"]) == ("lm", "mse")
+    assert as_dict["status"] == "converged" and as_dict["converged"] is True
+    assert as_dict["warnings"] == [] and as_dict["fixed"] == [] and as_dict["at_bound"] == []
+    assert as_dict["absolute_sigma"] is False
+
+
+def test_json_of_fixed_and_bounded_parameters():
+    t = torch.linspace(0, 10, 80, dtype=torch.float64)
+    y = 4 * torch.exp(-0.6 * t) + 0.5
+    model = gf.Model("a*exp(-k*t) + c", independent="t")
+    result = gf.fit(model, t, y, p0={"a": 1, "k": 2, "c": 0}, fixed={"c": 0.5})
+    as_dict = json.loads(result.to_json())
+    assert_dict_matches_result(as_dict, result)
+    assert as_dict["fixed"] == ["c"] and as_dict["stderr"]["c"] is None
+    assert as_dict["params"]["c"] == 0.5
+    assert as_dict["dof"] == 80 - 2  # the fixed parameter is not fitted
+    bounded = gf.fit("a*x + b", t, -2 * t + 1, bounds={"a": (0, 10)}, p0={"a": 1, "b": 0})
+    as_dict = json.loads(bounded.to_json())
+    assert_dict_matches_result(as_dict, bounded)
+    assert as_dict["at_bound"] == ["a"]
+    assert any("bound" in warning for warning in as_dict["warnings"])
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from test_expr import _ENV, _HYPOTHESIS, _TREES, _parse_with_some_parameter
 
 from gradfit.errors import ExpressionError
 from gradfit.model.expr import parse_expression
-from gradfit.model.program import _VAR, Program
+from gradfit.model.program import VAR, Program
 
 
 def _compare(text: str, env: dict[str, torch.Tensor]) -> None:
@@ -67,5 +67,5 @@ def _point_wise_steps(program: Program) -> int:
     """Steps whose result depends on x, i.e. that run over every point."""
     varies: list[bool] = []
     for kind, arg, args in program._steps:
-        varies.append(arg == "x" if kind == _VAR else any(varies[i] for i in args))
-    return sum(v and kind != _VAR for v, (kind, _, _) in zip(varies, program._steps, strict=True))
+        varies.append(arg == "x" if kind == VAR else any(varies[i] for i in args))
+    return sum(v and kind != VAR for v, (kind, _, _) in zip(varies, program._steps, strict=True))

@@ -1,11 +1,13 @@
 """Standard errors, covariance, goodness of fit and bands against SciPy and closed forms."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 from scipy import optimize
 from scipy import stats as scipy_stats
+from test_fit import assert_dict_matches_result  # tests/ is on sys.path (conftest)
 
 import gradfit as gf
 from gradfit.results.stats import student_t_quantile
@@ -128,4 +130,39 @@ def test_a_parameter_the_model_ignores_gives_infinite_error_not_a_crash():
     # a is fixed by the data (an exact line: zero error); b by nothing
     assert result.stderr["a"] == pytest.approx(0, abs=1e-6) and result.stderr["b"] is None
     assert any("b" in warning for warning in result.warnings)
-    assert "covariance" in result.to_dict()
+    as_dict = result.to_dict()
+    assert_dict_matches_result(as_dict, result)
+    assert json.loads(result.to_json()) == as_dict  # NaN is null, never a JSON error
+    # b's row and column of the covariance and correlation are NaN: null in the dict
+    for key in ("covariance", "correlation"):
+        assert as_dict[key][1] == [None, None] and [row[1] for row in as_dict[key]] == [None] * 2
+    assert as_dict["covariance"][0][0] == pytest.approx(0, abs=1e-12)
+    assert as_dict["stderr"]["b"] is None and as_dict["stderr"]["a"] == pytest.approx(0, abs=1e-6)
+    assert as_dict["params"]["a"] == pytest.approx(2, rel=1e-6)
+    assert as_dict["dof"] == x.size - 2 and as_dict["n_points"] == x.size
+    residuals = y - result.predict(x).numpy()
+    assert as_dict["chi2"] == pytest.approx(float(residuals @ residuals), rel=1e-9, abs=1e-20)
+    assert as_dict["warnings"] == result.warnings and as_dict["optimizer"] == "lbfgs"
+
+
+def test_to_dict_of_a_weighted_fit_matches_its_statistics():
+    rng = np.random.default_rng(5)
+    x = np.linspace(0, 6, 50)
+    sigma = rng.uniform(0.05, 0.3, x.size)
+    y = 5 * np.exp(-0.8 * x) + 1 + rng.normal(0, 1, x.size) * sigma
+    result = gf.fit("a*exp(-k*x) + c", x, y, sigma=sigma, p0=[5.0, 0.8, 1.0])
+    as_dict = result.to_dict()
+    assert_dict_matches_result(as_dict, result)
+    a, k, c = result.values.numpy()
+    weighted = (y - (a * np.exp(-k * x) + c)) / sigma
+    chi2, n = float(weighted @ weighted), x.size
+    assert as_dict["chi2"] == pytest.approx(chi2, rel=1e-10)
+    assert as_dict["dof"] == n - 3
+    assert as_dict["reduced_chi2"] == pytest.approx(chi2 / (n - 3), rel=1e-10)
+    assert as_dict["loss"] == pytest.approx(chi2 / n, rel=1e-10)  # mse of (y_pred - y)/sigma
+    J = np.stack([np.exp(-k * x), -a * x * np.exp(-k * x), np.ones_like(x)], axis=1)
+    J /= sigma[:, None]
+    covariance = chi2 / (n - 3) * np.linalg.inv(J.T @ J)
+    np.testing.assert_allclose(as_dict["covariance"], covariance, rtol=1e-7)
+    expected_stderr = np.sqrt(np.diag(covariance))
+    np.testing.assert_allclose(list(as_dict["stderr"].values()), expected_stderr, rtol=1e-7)

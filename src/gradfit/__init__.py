@@ -15,7 +15,6 @@ from gradfit.batch.fit_batch import fit_batch
 from gradfit.errors import (
     CheckpointError,
     DataError,
-    DivergenceError,
     ExpressionError,
     GradfitError,
     ModelError,
@@ -36,7 +35,6 @@ __all__ = [
     "BatchResult",
     "CheckpointError",
     "DataError",
-    "DivergenceError",
     "ExpressionError",
     "FitResult",
     "GradfitError",

@@ -29,10 +29,6 @@ class OptionError(GradfitError):
     """A bad option: unknown name, unparsable number, inconsistent bounds."""
 
 
-class DivergenceError(GradfitError):
-    """The loss became non-finite during a fit."""
-
-
 class CheckpointError(GradfitError):
     """A checkpoint that cannot be read, or that belongs to another fit."""
 

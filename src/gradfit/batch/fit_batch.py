@@ -31,7 +31,8 @@ from gradfit.fitting.loop import Problem
 from gradfit.model.losses import Loss, get_loss
 from gradfit.model.models import Model, as_model, check_uses_independent
 from gradfit.model.parameters import Bound, ParameterSpace
-from gradfit.optim import FIRST_ORDER, OPTIMIZERS, check_epochs, compiled_lm, learning_rate
+from gradfit.optim import FIRST_ORDER, OPTIMIZERS, check_epochs, learning_rate
+from gradfit.optim.dispatch import lm_kernel
 from gradfit.optim.least_squares import residual_functions, residual_subset
 from gradfit.optim.lm import autodiff_jacobian, levenberg_marquardt, stack_jacobian
 from gradfit.results.batch_result import NO_DATA, TOO_FEW_POINTS, BatchResult, concat
@@ -448,8 +449,8 @@ def _lm_chunk(
     robust = None if loss_fn.name in ("mse", "sse", "chi2") else loss_fn.rho
     kernel_mask = None if bool(mask.all()) else mask
     theta0 = space.to_theta(p_start)
-    lm_compiled = compiled_lm() if problem.model.programs is not None else None  # expressions
-    if lm_compiled is not None and lm_compiled.supports(problem, robust, theta0):
+    lm_compiled = lm_kernel(problem, robust, theta0, per_iteration=False)  # as fit's run_lm
+    if lm_compiled is not None:
         fitted = lm_compiled.fit_curves(problem, theta0, kernel_mask, **options)
         return _compiled_result(problem, fitted, absolute_sigma)
     residuals, stacked = residual_functions(problem)

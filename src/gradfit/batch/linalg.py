@@ -1,4 +1,4 @@
-"""Cholesky factor, solve and inverse of many small SPD matrices, unrolled over P.
+"""Cholesky factor and inverse of many small SPD matrices, unrolled over P.
 
 LAPACK's batched routines pay microseconds per matrix; a million 3×3 or 4×4 normal-equation
 systems are cheaper as a few dozen elementwise operations on ``[K]`` vectors, one per matrix
@@ -42,31 +42,6 @@ def cholesky(A: Tensor) -> tuple[list[list[Tensor]], Tensor]:
                 row.append(s / L[j][j])
         L.append(row)
     return L, ok
-
-
-def cholesky_solve(L: list[list[Tensor]], b: Tensor) -> Tensor:
-    """Solve ``L Lᵀ x = b`` for ``b`` ``[..., P]``.
-
-    Example:
-        >>> A = torch.tensor([[4.0, 2.0], [2.0, 3.0]])
-        >>> L, _ = cholesky(A)
-        >>> cholesky_solve(L, torch.tensor([2.0, 1.0])).tolist()
-        [0.5, 0.0]
-    """
-    P = len(L)
-    z: list[Tensor] = []
-    for i in range(P):  # forward: L z = b
-        s = b[..., i]
-        for k in range(i):
-            s = s - L[i][k] * z[k]
-        z.append(s / L[i][i])
-    x: list[Tensor] = [z[0]] * P
-    for i in reversed(range(P)):  # backward: Lᵀ x = z
-        s = z[i]
-        for k in range(i + 1, P):
-            s = s - L[k][i] * x[k]
-        x[i] = s / L[i][i]
-    return torch.stack(x, dim=-1)
 
 
 def cholesky_inverse(L: list[list[Tensor]]) -> Tensor:

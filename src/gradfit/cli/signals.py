@@ -3,8 +3,11 @@
 ``stop_on_signals()`` installs handlers only for the duration of a ``with`` block and then
 restores the previous ones. The first signal only sets a flag, which the loop's hook reads
 after the current step; a second signal raises ``KeyboardInterrupt`` at once, for a fit that
-is stuck inside one long step. Outside the block (and so in the library's ``fit`` unless a
-caller asks) Ctrl-C keeps Python's default behaviour.
+is stuck inside one long step. Python runs the handlers between bytecodes: a signal that
+arrives while Levenberg–Marquardt's compiled kernel runs (no bytecode until it returns, a
+few milliseconds for a fit) is handled when it returns, and the fit ends "interrupted" with
+the kernel's finished parameters (``optim/dispatch.py``). Outside the block (and so in the
+library's ``fit`` unless a caller asks) Ctrl-C keeps Python's default behaviour.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ class StopRequest:
 
     def hook(self, epoch: int, loss: float) -> bool:
         return self.signum is not None
+
+    # it only asks "stop?": Levenberg–Marquardt keeps its compiled kernel, which asks it once,
+    # when it returns (optim/dispatch.py); a bound method reads its function's attributes
+    hook.stop_only = True  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

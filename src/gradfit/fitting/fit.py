@@ -78,10 +78,16 @@ def fit(
         lr, epochs, tol: learning rate, epoch (LM: iteration) limit, relative loss-change stop.
         absolute_sigma: take ``sigma`` as absolute (do not rescale the covariance by χ²ᵣ).
         dtype: float64 unless given.
+        progress: a bar on a terminal for gd, sgd, adam and lbfgs; none for lm, whose fits
+            take milliseconds and whose compiled kernel has no per-iteration hook.
         hook: called as ``hook(epoch, loss)`` after every epoch; returning True stops the fit
             with status ``"interrupted"`` (``signals.stop_on_signals`` makes one for Ctrl-C).
+            For lm it takes the PyTorch kernel, unless it has a true ``stop_only`` attribute
+            (it only asks "stop?", as the Ctrl-C one): then the compiled kernel, where it
+            applies, asks it once, when it returns (``optim/dispatch.py``).
         checkpoint, checkpoint_every: save the loop's state to this file every N epochs
-            (default 1000 for gd/sgd/adam, every iteration for lm/lbfgs) and at the end.
+            (default 1000 for gd/sgd/adam, every iteration for lm/lbfgs) and at the end
+            (lm then runs its PyTorch kernel, which returns after every iteration).
         resume: continue from this checkpoint; it must come from the same model, data and
             options (exact for gd/sgd/adam/lbfgs; LM restarts from the saved parameters).
 
@@ -137,7 +143,9 @@ def fit(
         every = _checkpoint_every(checkpoint_every, optimizer, checkpoint)
         hook = chain_hooks(hook, checkpoints.checkpoint_hook(checkpoint, state, identity, every))
     total = epochs or (15_000 if optimizer in FIRST_ORDER else 0)
-    with progress_bar(hook, total) if progress else contextlib.nullcontext(hook) as hooks:
+    # no bar for lm: it would need every iteration, which would cost it its compiled kernel
+    bar = progress and optimizer != "lm"
+    with progress_bar(hook, total) if bar else contextlib.nullcontext(hook) as hooks:
         outcome = _optimise(problem, state, optimizer, lr, epochs, tol, hooks)
     if checkpoint is not None and outcome.status != "diverged":  # resumable where it stopped
         checkpoints.save_checkpoint(checkpoint, state, identity)

@@ -26,33 +26,15 @@ Value = torch.Tensor | float
 MAX_LENGTH = 2000
 MAX_DEPTH = 100
 
-# name -> (torch function used to evaluate, float64 math function used to fold constants)
-_FUNCTIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[float], float]]] = {
-    "exp": (torch.exp, math.exp),
-    "log": (torch.log, math.log),
-    "log10": (torch.log10, math.log10),
-    "sqrt": (torch.sqrt, math.sqrt),
-    "sin": (torch.sin, math.sin),
-    "cos": (torch.cos, math.cos),
-    "tan": (torch.tan, math.tan),
-    "arcsin": (torch.asin, math.asin),
-    "arccos": (torch.acos, math.acos),
-    "arctan": (torch.atan, math.atan),
-    "sinh": (torch.sinh, math.sinh),
-    "cosh": (torch.cosh, math.cosh),
-    "tanh": (torch.tanh, math.tanh),
-    "abs": (torch.abs, math.fabs),
-    "erf": (torch.special.erf, math.erf),
-}
-# ``sign`` only appears in derivatives (d|u|/du); user text may not call it.
-_ALL_FUNCTIONS = {**_FUNCTIONS, "sign": (torch.sign, lambda v: float((v > 0) - (v < 0)))}
-_CONSTANTS = {"pi": math.pi, "e": math.e}
+#: the named constants, by name
+CONSTANTS = {"pi": math.pi, "e": math.e}
 # Not dangerous (nothing is ever executed), but confusing as parameter names.
 _RESERVED = frozenset(
     {"sign", "eval", "exec", "compile", "open", "globals", "locals", "vars", "getattr"}
     | {"setattr", "delattr", "input", "breakpoint"}
 )
-_OPS: dict[str, Callable[[Value, Value], Value]] = {
+#: the binary operators, by the symbol the program's steps carry
+OPERATORS: dict[str, Callable[[Value, Value], Value]] = {
     "+": operator.add,
     "-": operator.sub,
     "*": operator.mul,
@@ -73,10 +55,6 @@ _DESCRIPTIONS = {
     ast.Tuple: "tuple", ast.List: "list", ast.Dict: "dict", ast.Set: "set", ast.Await: "await",
     ast.Yield: "yield", ast.YieldFrom: "yield",
 }  # fmt: skip
-_ALLOWED = (
-    "allowed are numbers, names, + - * / **, unary -, the constants pi and e, "
-    f"and the functions {', '.join(_FUNCTIONS)} with one argument"
-)
 # Precedence levels for printing: a child is parenthesized when it binds more loosely.
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "**": 4}
 _UNARY, _ATOM = 3, 5
@@ -142,7 +120,7 @@ class Const(Node):
     name: str
 
     def evaluate(self, env: Mapping[str, Value]) -> Value:
-        return _CONSTANTS[self.name]
+        return CONSTANTS[self.name]
 
     def __str__(self) -> str:
         return self.name
@@ -207,12 +185,12 @@ class BinOp(Node):
     def evaluate(self, env: Mapping[str, Value]) -> Value:
         left = self.left.evaluate(env)
         if self.op == "**" and isinstance(self.right, Num):
-            return _power(left, self.right.value)
+            return power(left, self.right.value)
         right = self.right.evaluate(env)
         if not isinstance(left, torch.Tensor) and not isinstance(right, torch.Tensor):
             # Python floats raise on 1/0 and turn complex on (-8)**(1/3); torch gives inf/nan.
             left = torch.tensor(left, dtype=torch.float64)
-        return _OPS[self.op](left, right)
+        return OPERATORS[self.op](left, right)
 
     def _diff(self, name: str) -> Node:
         u, v = self.left, self.right
@@ -254,10 +232,10 @@ class Call(Node):
         arg = self.arg.evaluate(env)
         if not isinstance(arg, torch.Tensor):
             arg = torch.tensor(arg, dtype=torch.float64)
-        return _ALL_FUNCTIONS[self.func][0](arg)
+        return FUNCTIONS[self.func].evaluate(arg)
 
     def _diff(self, name: str) -> Node:
-        return _CHAIN[self.func](self.arg, self.arg.diff(name))
+        return FUNCTIONS[self.func].derivative(self.arg, self.arg.diff(name))
 
     def __str__(self) -> str:
         return f"{self.func}({self.arg})"
@@ -270,7 +248,8 @@ def _wrap(node: Node, parens: bool) -> str:
     return f"({node})" if parens else str(node)
 
 
-def _power(base: Value, exponent: float) -> Value:
+def power(base: Value, exponent: float) -> Value:
+    """``base ** exponent`` for a number ``exponent``, as trees and programs evaluate it."""
     if not isinstance(base, torch.Tensor):
         base = torch.tensor(base, dtype=torch.float64)
     if exponent == 2:
@@ -284,34 +263,61 @@ def _d_sqrt1m(u: Node) -> Node:
     return _call("sqrt", _sub(ONE, _pow(u, TWO)))
 
 
-# d f(u) = _CHAIN[f](u, du)
-_CHAIN: dict[str, Callable[[Node, Node], Node]] = {
-    "exp": lambda u, du: _mul(_call("exp", u), du),
-    "log": lambda u, du: _div(du, u),
-    "log10": lambda u, du: _div(du, _mul(Num(math.log(10.0)), u)),
-    "sqrt": lambda u, du: _div(du, _mul(TWO, _call("sqrt", u))),
-    "sin": lambda u, du: _mul(_call("cos", u), du),
-    "cos": lambda u, du: _neg(_mul(_call("sin", u), du)),
-    "tan": lambda u, du: _div(du, _pow(_call("cos", u), TWO)),
-    "arcsin": lambda u, du: _div(du, _d_sqrt1m(u)),
-    "arccos": lambda u, du: _neg(_div(du, _d_sqrt1m(u))),
-    "arctan": lambda u, du: _div(du, _add(ONE, _pow(u, TWO))),
-    "sinh": lambda u, du: _mul(_call("cosh", u), du),
-    "cosh": lambda u, du: _mul(_call("sinh", u), du),
-    "tanh": lambda u, du: _mul(_sub(ONE, _pow(_call("tanh", u), TWO)), du),
-    "abs": lambda u, du: _mul(_call("sign", u), du),
-    "erf": lambda u, du: _mul(
-        _mul(Num(2.0 / math.sqrt(math.pi)), _call("exp", _neg(_pow(u, TWO)))), du
+@dataclass(frozen=True, slots=True)
+class Function:
+    """One function of the language: how it evaluates, folds and differentiates."""
+
+    evaluate: Callable[[torch.Tensor], torch.Tensor]  # whole tensors
+    fold: Callable[[float], float]  # float64, to fold a constant argument
+    derivative: Callable[[Node, Node], Node]  # d f(u) = derivative(u, du)
+    in_text: bool = True  # False: only derivatives produce it (sign); user text may not call it
+
+
+#: The language's functions, by name: the one table (the parser, evaluation, constant folding,
+#: differentiation, ``program.Program`` and the compiled kernel's interpreter read it).
+FUNCTIONS: dict[str, Function] = {
+    "exp": Function(torch.exp, math.exp, lambda u, du: _mul(_call("exp", u), du)),
+    "log": Function(torch.log, math.log, lambda u, du: _div(du, u)),
+    "log10": Function(
+        torch.log10, math.log10, lambda u, du: _div(du, _mul(Num(math.log(10.0)), u))
     ),
-    "sign": lambda u, du: ZERO,
+    "sqrt": Function(torch.sqrt, math.sqrt, lambda u, du: _div(du, _mul(TWO, _call("sqrt", u)))),
+    "sin": Function(torch.sin, math.sin, lambda u, du: _mul(_call("cos", u), du)),
+    "cos": Function(torch.cos, math.cos, lambda u, du: _neg(_mul(_call("sin", u), du))),
+    "tan": Function(torch.tan, math.tan, lambda u, du: _div(du, _pow(_call("cos", u), TWO))),
+    "arcsin": Function(torch.asin, math.asin, lambda u, du: _div(du, _d_sqrt1m(u))),
+    "arccos": Function(torch.acos, math.acos, lambda u, du: _neg(_div(du, _d_sqrt1m(u)))),
+    "arctan": Function(torch.atan, math.atan, lambda u, du: _div(du, _add(ONE, _pow(u, TWO)))),
+    "sinh": Function(torch.sinh, math.sinh, lambda u, du: _mul(_call("cosh", u), du)),
+    "cosh": Function(torch.cosh, math.cosh, lambda u, du: _mul(_call("sinh", u), du)),
+    "tanh": Function(
+        torch.tanh, math.tanh, lambda u, du: _mul(_sub(ONE, _pow(_call("tanh", u), TWO)), du)
+    ),
+    "abs": Function(torch.abs, math.fabs, lambda u, du: _mul(_call("sign", u), du)),
+    "erf": Function(
+        torch.special.erf,
+        math.erf,
+        lambda u, du: _mul(
+            _mul(Num(2.0 / math.sqrt(math.pi)), _call("exp", _neg(_pow(u, TWO)))), du
+        ),
+    ),
+    # only in derivatives (d|u|/du)
+    "sign": Function(
+        torch.sign, lambda v: float((v > 0) - (v < 0)), lambda u, du: ZERO, in_text=False
+    ),
 }
+_ALLOWED = (
+    "allowed are numbers, names, + - * / **, unary -, the constants pi and e, "
+    f"and the functions {', '.join(n for n, f in FUNCTIONS.items() if f.in_text)} "
+    "with one argument"
+)
 
 
 def _fold(op: str, a: float, b: float, strict: bool) -> float | None:
     """``a op b`` in float64, or None when the result is not a finite number."""
     try:
         # math.pow, never int pow: 9**9**9**9 must fail fast instead of building a huge int.
-        value = math.pow(a, b) if op == "**" else _OPS[op](a, b)
+        value = math.pow(a, b) if op == "**" else OPERATORS[op](a, b)
     except OverflowError:
         if strict:
             raise ExpressionError(
@@ -334,7 +340,7 @@ def _binop(op: str, a: Node, b: Node, strict: bool = False) -> Node:
 def _call(func: str, arg: Node) -> Node:
     if isinstance(arg, Num):
         try:
-            value = _ALL_FUNCTIONS[func][1](arg.value)
+            value = FUNCTIONS[func].fold(arg.value)
         except (ValueError, OverflowError):
             value = math.nan
         if math.isfinite(value):
@@ -533,7 +539,7 @@ def _check_independent(independent: Sequence[str]) -> tuple[str, ...]:
     for name in names:
         if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise ExpressionError(f"invalid independent variable name {name!r}")
-        if name in _CONSTANTS:
+        if name in CONSTANTS:
             raise ExpressionError(f"invalid independent variable name {name!r}")
         _check_name(name)
     if len(set(names)) != len(names):
@@ -576,7 +582,7 @@ def _build(node: ast.AST, depth: int) -> Node:
         return Num(_literal(node.value))
     if isinstance(node, ast.Name):
         _check_name(node.id)
-        return Const(node.id) if node.id in _CONSTANTS else Var(node.id)
+        return Const(node.id) if node.id in CONSTANTS else Var(node.id)
     if isinstance(node, ast.Call):
         return _build_call(node, depth)
     raise ExpressionError(f"{_describe(node)} is not allowed; {_ALLOWED}")
@@ -586,7 +592,7 @@ def _build_call(node: ast.Call, depth: int) -> Node:
     if not isinstance(node.func, ast.Name):
         raise ExpressionError(f"call of {_describe(node.func)} is not allowed; {_ALLOWED}")
     name = node.func.id
-    if name not in _FUNCTIONS:
+    if name not in FUNCTIONS or not FUNCTIONS[name].in_text:
         raise ExpressionError(f"unknown function {name!r}; {_ALLOWED}")
     if node.keywords:
         raise ExpressionError(f"{name}() takes no keyword arguments; {_ALLOWED}")
@@ -614,7 +620,7 @@ def _literal(value: object) -> float:
 def _check_name(name: str) -> None:
     if name.startswith("_"):
         raise ExpressionError(f"name {name!r} is not allowed: names may not start with '_'")
-    if name in _FUNCTIONS:
+    if name in FUNCTIONS and FUNCTIONS[name].in_text:
         raise ExpressionError(f"{name!r} is a function; call it with one argument: {name}(...)")
     if name in _RESERVED:
         raise ExpressionError(f"name {name!r} is reserved; use another name")

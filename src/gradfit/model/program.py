@@ -20,9 +20,9 @@ import torch
 
 from gradfit.errors import ExpressionError
 from gradfit.model.expr import (
-    _ALL_FUNCTIONS,
-    _CONSTANTS,
-    _OPS,
+    CONSTANTS,
+    FUNCTIONS,
+    OPERATORS,
     BinOp,
     Call,
     Const,
@@ -31,11 +31,13 @@ from gradfit.model.expr import (
     Num,
     Value,
     Var,
+    power,
 )
-from gradfit.model.expr import _power as power
 
-# step kinds
-_NUM, _VAR, _POW_NUM, _BIN, _CALL = range(5)  # unary minus folds into products
+#: step kinds (unary minus folds into products); a step's argument is a number (NUM, the
+#: exponent of POW_NUM), a name (VAR), a key of ``expr.OPERATORS`` (BIN) or of
+#: ``expr.FUNCTIONS`` (CALL)
+NUM, VAR, POW_NUM, BIN, CALL = range(5)
 Step = tuple[int, object, tuple[int, ...]]
 
 
@@ -80,19 +82,19 @@ class Program:
             return slot
         if isinstance(node, Num):
             # -0.0 == 0.0, so the sign is part of the key
-            slot = self._emit(_NUM, node.value, (), key=(node.value, str(node.value)))
+            slot = self._emit(NUM, node.value, (), key=(node.value, str(node.value)))
         elif isinstance(node, Const):
-            slot = self._emit(_NUM, _CONSTANTS[node.name], (), key=node.name)
+            slot = self._emit(NUM, CONSTANTS[node.name], (), key=node.name)
         elif isinstance(node, Var):
-            slot = self._emit(_VAR, node.name, ())
+            slot = self._emit(VAR, node.name, ())
         elif isinstance(node, Neg) or (isinstance(node, BinOp) and node.op in "*/"):
             slot = self._product(node)
         elif isinstance(node, BinOp) and node.op == "**" and isinstance(node.right, Num):
-            slot = self._emit(_POW_NUM, node.right.value, (self._number(node.left),))
+            slot = self._emit(POW_NUM, node.right.value, (self._number(node.left),))
         elif isinstance(node, BinOp):
-            slot = self._emit(_BIN, node.op, (self._number(node.left), self._number(node.right)))
+            slot = self._emit(BIN, node.op, (self._number(node.left), self._number(node.right)))
         elif isinstance(node, Call):
-            slot = self._emit(_CALL, node.func, (self._number(node.arg),))
+            slot = self._emit(CALL, node.func, (self._number(node.arg),))
         else:  # pragma: no cover - the parser builds no other node types
             raise ExpressionError(f"cannot compile node {node!r}")
         self._by_id[id(node)] = slot
@@ -115,13 +117,13 @@ class Program:
         scale = self._chain([fe for fe, v in zip(factors, varies, strict=True) if not v])
         points = self._chain([fe for fe, v in zip(factors, varies, strict=True) if v])
         if coefficient != 1.0 or (scale is None and points is None):
-            number = self._emit(_NUM, coefficient, (), key=(coefficient, str(coefficient)))
-            scale = number if scale is None else self._emit(_BIN, "*", (number, scale))
+            number = self._emit(NUM, coefficient, (), key=(coefficient, str(coefficient)))
+            scale = number if scale is None else self._emit(BIN, "*", (number, scale))
         if points is None:
             return scale  # type: ignore[return-value]
         if scale is None:
             return points
-        return self._emit(_BIN, "*", (points, scale))
+        return self._emit(BIN, "*", (points, scale))
 
     def _chain(self, factors: list[tuple[Node, int]]) -> int | None:
         """``Π num / Π den`` left to right, numerators first; None for no factors."""
@@ -132,10 +134,10 @@ class Program:
             if slot is None and sign > 0:
                 slot = operand
             elif slot is None:
-                one = self._emit(_NUM, 1.0, (), key=(1.0, "1.0"))
-                slot = self._emit(_BIN, "/", (one, operand))
+                one = self._emit(NUM, 1.0, (), key=(1.0, "1.0"))
+                slot = self._emit(BIN, "/", (one, operand))
             else:
-                slot = self._emit(_BIN, "*" if sign > 0 else "/", (slot, operand))
+                slot = self._emit(BIN, "*" if sign > 0 else "/", (slot, operand))
         return slot
 
     def _last_uses(self) -> list[tuple[int, ...]]:
@@ -154,22 +156,22 @@ class Program:
         """Values of the roots; a root without any tensor in it comes back as a float."""
         values: list[Value | None] = [None] * len(self._steps)
         for index, (kind, arg, args) in enumerate(self._steps):
-            if kind == _VAR:
+            if kind == VAR:
                 value = env[arg]  # type: ignore[index]
-            elif kind == _NUM:
+            elif kind == NUM:
                 value = arg  # type: ignore[assignment]
-            elif kind == _POW_NUM:
+            elif kind == POW_NUM:
                 value = power(values[args[0]], arg)  # type: ignore[arg-type]
-            elif kind == _BIN:
+            elif kind == BIN:
                 left, right = values[args[0]], values[args[1]]
                 if not isinstance(left, torch.Tensor) and not isinstance(right, torch.Tensor):
                     left = torch.tensor(left, dtype=torch.float64)  # as Node.evaluate does
-                value = _OPS[arg](left, right)  # type: ignore[index, arg-type]
+                value = OPERATORS[arg](left, right)  # type: ignore[index, arg-type]
             else:
                 operand = values[args[0]]
                 if not isinstance(operand, torch.Tensor):
                     operand = torch.tensor(operand, dtype=torch.float64)
-                value = _ALL_FUNCTIONS[arg][0](operand)  # type: ignore[index]
+                value = FUNCTIONS[arg].evaluate(operand)  # type: ignore[index]
             values[index] = value
             for slot in self._release[index]:
                 values[slot] = None
@@ -197,7 +199,7 @@ def _flatten(node: Node) -> tuple[float, list[tuple[Node, int]]]:
 
 
 def _number_value(node: Num | Const) -> float:
-    return node.value if isinstance(node, Num) else _CONSTANTS[node.name]
+    return node.value if isinstance(node, Num) else CONSTANTS[node.name]
 
 
 def _size(node: Node) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from gradfit.fitting.loop import Hook, LoopOutcome, LoopState, Problem
-from gradfit.optim import compiled_lm
+from gradfit.optim.dispatch import lm_kernel, one_variable, stop_only
 from gradfit.optim.lm import (
     DEFAULT_FTOL,
     DEFAULT_MAX_ITER,
@@ -81,7 +81,11 @@ def run_lm(
     tol: float | None,
     hook: Hook | None,
 ) -> LoopOutcome:
-    """Minimise ``problem``'s least-squares loss with the batched LM kernel at K = 1.
+    """Minimise ``problem``'s least-squares loss with an LM kernel at K = 1.
+
+    ``dispatch.lm_kernel`` picks the compiled kernel or the PyTorch one (``lm.py``); a
+    ``hook`` with a true ``stop_only`` attribute does not force the PyTorch kernel: the
+    compiled one asks it once, when it returns.
 
     ``start`` may be a ``LoopState`` from a checkpoint: LM then restarts from its best
     parameters, keeping the history and the iteration count (not bit for bit: the kernel's
@@ -96,16 +100,14 @@ def run_lm(
     options: dict[str, float | int] = {} if tol is None else {"ftol": tol}
     options["max_iter"] = max(0, (max_iter or DEFAULT_MAX_ITER) - state.epoch)
     theta0 = state.theta.detach().unsqueeze(0)
-    # a hook needs control after every iteration: only the PyTorch kernel gives it back; the
-    # compiled one keeps its history in an array of max_iter costs
-    lm_compiled = compiled_lm() if problem.model.programs is not None else None
-    if (
-        hook is None
-        and options["max_iter"] <= _COMPILED_MAX_ITER
-        and lm_compiled is not None
-        and lm_compiled.supports(problem, robust, theta0)
-    ):
-        return _run_compiled(lm_compiled, problem, state, theta0, to_loss, options)
+    # dispatch.lm_kernel decides, for fit_batch too: a hook that needs every iteration takes
+    # the PyTorch kernel; one that only asks "stop?" is asked when the compiled kernel returns
+    per_iteration = not stop_only(hook)
+    history = int(options["max_iter"])  # the compiled kernel keeps max_iter costs
+    lm_compiled = lm_kernel(problem, robust, theta0, per_iteration=per_iteration, history=history)
+    if lm_compiled is not None:
+        compiled_problem = one_variable(problem)  # x as an array, not {name: array}
+        return _run_compiled(lm_compiled, compiled_problem, state, theta0, to_loss, options, hook)
     residuals, stacked = residual_functions(problem)
     # the kernel reports costs, not parameters: score each point it evaluates instead
     loss_of_residuals = replace(loss, sigma=None)  # residuals arrive already divided by sigma
@@ -175,7 +177,6 @@ def run_lm(
     )  # fmt: skip
 
 
-_COMPILED_MAX_ITER = 1_000_000  # its history buffer: 8 MB
 #: LM codes in ``loop.STATUSES`` words (``batch_result.STATUS_NAMES`` spells them alike)
 _STATUS = {
     LMStatus.FTOL: "converged",
@@ -207,8 +208,12 @@ def _run_compiled(
     theta0: Tensor,
     to_loss: float,
     options: dict[str, Any],
+    hook: Hook | None,
 ) -> LoopOutcome:
-    """``run_lm`` on the compiled kernel (same algorithm; no per-iteration hook)."""
+    """``run_lm`` on the compiled kernel (same algorithm). It runs every iteration without
+    returning to Python: a stop-only ``hook`` is asked once, after the last iteration, and
+    stopping there keeps the finished fit but reports it ``"interrupted"``, as the PyTorch
+    kernel does for a stop asked during its last iteration."""
     fitted = lm_compiled.fit_curves(problem, theta0, rows=True, history=True, **options)
     n_iter, code = int(fitted.n_iter[0]), int(fitted.status[0])
     assert fitted.history is not None
@@ -219,8 +224,11 @@ def _run_compiled(
     if final_loss < state.best_loss:  # the kernel's theta is the best point it accepted
         state.best_loss, state.best_theta, state.theta = final_loss, theta, theta
     assert fitted.rows is not None
-    message = _message(code, options.get("ftol"), state.epoch)
+    status, message = _status(code), _message(code, options.get("ftol"), state.epoch)
+    last = state.epoch - 1  # as the PyTorch kernel's callback numbers it
+    if hook is not None and n_iter > 0 and hook(last, state.history[-1]):
+        status, message = "interrupted", f"the hook asked to stop after iteration {last}"
     return LoopOutcome(
-        theta, final_loss, list(state.history), _status(code), message, rows=fitted.rows[0],
+        theta, final_loss, list(state.history), status, message, rows=fitted.rows[0],
         n_eval=fitted.n_eval,
     )  # fmt: skip

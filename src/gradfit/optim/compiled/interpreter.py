@@ -21,18 +21,35 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from gradfit.model.program import _BIN, _CALL, _NUM, _POW_NUM, _VAR, Program
+from gradfit.model import expr
+from gradfit.model.program import BIN as BIN_STEP
+from gradfit.model.program import CALL as CALL_STEP
+from gradfit.model.program import NUM as NUM_STEP
+from gradfit.model.program import POW_NUM as POW_NUM_STEP
+from gradfit.model.program import VAR as VAR_STEP
+from gradfit.model.program import Program
 
-# opcodes
+# Opcodes. Their numbers are this file's own (Numba's disk cache is keyed on this file's
+# text: numbers taken from another module could go stale in compiled code); the tables below
+# map the expression language's names to them.
 NUM, X, PARAM, POW_NUM, ADD, SUB, MUL, DIV, POW = range(9)
-_BINARY = {"+": ADD, "-": SUB, "*": MUL, "/": DIV, "**": POW}
-_FUNCTION_NAMES = (
-    "exp", "log", "log10", "sqrt", "sin", "cos", "tan", "arcsin", "arccos", "arctan",
-    "sinh", "cosh", "tanh", "abs", "erf", "sign",
-)  # fmt: skip
-_FIRST_FUNCTION = 16
-FUNCTIONS = {name: _FIRST_FUNCTION + i for i, name in enumerate(_FUNCTION_NAMES)}
-_EXP = FUNCTIONS["exp"]
+EXP, LOG, LOG10, SQRT, SIN, COS, TAN, ARCSIN, ARCCOS, ARCTAN = range(16, 26)
+SINH, COSH, TANH, ABS, ERF, SIGN = range(26, 32)
+#: what ``_binary`` and ``_unary`` compute, by ``expr.OPERATORS``'s and ``expr.FUNCTIONS``'s names
+OPERATOR_OPCODES = {"+": ADD, "-": SUB, "*": MUL, "/": DIV, "**": POW}
+FUNCTION_OPCODES = {
+    "exp": EXP, "log": LOG, "log10": LOG10, "sqrt": SQRT, "sin": SIN, "cos": COS, "tan": TAN,
+    "arcsin": ARCSIN, "arccos": ARCCOS, "arctan": ARCTAN, "sinh": SINH, "cosh": COSH,
+    "tanh": TANH, "abs": ABS, "erf": ERF, "sign": SIGN,
+}  # fmt: skip
+#: the language's operators and functions the interpreter compiles (built once, at import,
+#: from ``expr``'s tables); a program using any other is not encoded (``encode`` gives None)
+#: and its fit takes the PyTorch kernel
+BINARY = {op: OPERATOR_OPCODES[op] for op in expr.OPERATORS if op in OPERATOR_OPCODES}
+FUNCTIONS = {name: FUNCTION_OPCODES[name] for name in expr.FUNCTIONS if name in FUNCTION_OPCODES}
+#: functions of ``expr.FUNCTIONS`` left to the PyTorch kernel on purpose: a test checks that
+#: each of the language's functions is compiled or named here
+NOT_COMPILED: frozenset[str] = frozenset()
 # evaluation rates
 SCALAR, PER_CURVE, PER_POINT = range(3)
 
@@ -56,7 +73,8 @@ class Code:
 
 @functools.lru_cache(maxsize=512)  # programs are shared per expression (models._compile)
 def encode(program: Program, independent: str, params: tuple[str, ...]) -> Code | None:
-    """``program`` as a :class:`Code`, or None if it uses a name the kernel cannot bind."""
+    """``program`` as a :class:`Code`, or None if it uses a name the kernel cannot bind or
+    an operator or function it does not implement (the fit then takes the PyTorch kernel)."""
     n = program.n_steps
     op, a, b = (np.zeros(n, dtype=np.int64) for _ in range(3))
     c, rate = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int64)
@@ -66,23 +84,23 @@ def encode(program: Program, independent: str, params: tuple[str, ...]) -> Code 
             a[s] = args[0]
         if len(args) > 1:
             b[s] = args[1]
-        if kind == _NUM:
+        if kind == NUM_STEP:
             op[s], c[s] = NUM, float(arg)  # type: ignore[arg-type]
-        elif kind == _VAR and arg == independent:
+        elif kind == VAR_STEP and arg == independent:
             op[s], rate[s] = X, PER_CURVE
-        elif kind == _VAR and arg in params:
+        elif kind == VAR_STEP and arg in params:
             op[s], a[s], uses_params[s] = PARAM, params.index(arg), True  # type: ignore[arg-type]
-        elif kind == _VAR:
+        elif kind == VAR_STEP:
             return None  # another independent variable or a constant name
-        elif kind == _POW_NUM:
+        elif kind == POW_NUM_STEP:
             op[s], c[s] = POW_NUM, float(arg)  # type: ignore[arg-type]
-        elif kind == _BIN:
-            op[s] = _BINARY[arg]  # type: ignore[index]
-        elif kind == _CALL:
+        elif kind == BIN_STEP and arg in BINARY:
+            op[s] = BINARY[arg]  # type: ignore[index]
+        elif kind == CALL_STEP and arg in FUNCTIONS:
             op[s] = FUNCTIONS[arg]  # type: ignore[index]
-        else:  # pragma: no cover - Program emits no other kinds
+        else:  # an operator or function the interpreter does not implement
             return None
-        if kind in (_POW_NUM, _BIN, _CALL):
+        if kind in (POW_NUM_STEP, BIN_STEP, CALL_STEP):
             operands = args
             uses_params[s] = any(uses_params[i] for i in operands)
             varies = any(rate[i] != SCALAR for i in operands)
@@ -116,40 +134,43 @@ def _unary(op: int, u: float, c: float) -> float:
             return u * u
         if c == math.floor(c) and abs(c) <= 64:
             return _int_power(u, int(c))
+        if c == 0.5 or c == -0.5:  # torch takes sqrt and rsqrt here (-inf: NaN; -0.0: -0.0)
+            root = math.sqrt(u) if u >= 0 else math.nan
+            return root if c > 0 else 1.0 / root
         return u**c
-    f = op - _FIRST_FUNCTION
-    if f == 0:
+    if op == EXP:
         return math.exp(u)
-    if f == 1:
+    if op == LOG:
         return math.log(u) if u > 0 else (-math.inf if u == 0 else math.nan)
-    if f == 2:
+    if op == LOG10:
         return math.log10(u) if u > 0 else (-math.inf if u == 0 else math.nan)
-    if f == 3:
+    if op == SQRT:
         return math.sqrt(u) if u >= 0 else math.nan
-    if f == 4:
+    if op == SIN:
         return math.sin(u)
-    if f == 5:
+    if op == COS:
         return math.cos(u)
-    if f == 6:
+    if op == TAN:
         return math.tan(u)
-    if f == 7:
+    if op == ARCSIN:
         return math.asin(u) if abs(u) <= 1 else math.nan
-    if f == 8:
+    if op == ARCCOS:
         return math.acos(u) if abs(u) <= 1 else math.nan
-    if f == 9:
+    if op == ARCTAN:
         return math.atan(u)
-    if f == 10:
+    if op == SINH:
         return math.sinh(u)
-    if f == 11:
+    if op == COSH:
         return math.cosh(u)
-    if f == 12:
+    if op == TANH:
         return math.tanh(u)
-    if f == 13:
+    if op == ABS:
         return abs(u)
-    if f == 14:
+    if op == ERF:
         return math.erf(u)
-    # sign
-    return 1.0 if u > 0 else (-1.0 if u < 0 else u)  # u: keeps 0 and NaN as they are
+    if op == SIGN:
+        return 1.0 if u > 0 else (-1.0 if u < 0 else 0.0)  # as torch: 0 for ±0 and NaN
+    return math.nan  # pragma: no cover - encode emits no other opcode
 
 
 @numba.njit(**JIT)
@@ -256,7 +277,7 @@ def _unary_points(op, u, c, out, n):
     if op == POW_NUM and c == 2.0:
         for i in range(n):
             out[i] = u[i] * u[i]
-    elif op == _EXP:
+    elif op == EXP:
         for i in range(n):
             out[i] = math.exp(u[i])
     else:

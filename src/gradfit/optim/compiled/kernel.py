@@ -30,8 +30,13 @@ SETTINGS = (
     "lambda_stationary", "stationary", "max_variance_inflation",
 )  # fmt: skip
 _EPS = float(np.finfo(np.float64).eps)
+# bound transforms (``ParameterSpace.to_params``; ``_to_params`` restates them)
 NO_BOUND, BOTH, LOWER, UPPER = range(4)
-PLAIN, HUBER, SOFT_L1, CAUCHY, ARCTAN = range(5)  # losses: rho codes
+# loss codes: plain least squares, then ``_rho``'s restatements of ``losses.py``'s robust rho
+PLAIN, HUBER, SOFT_L1, CAUCHY, ARCTAN = range(5)
+#: the robust losses ``_rho`` computes, by their name in ``losses.LOSSES`` (tests compare
+#: each with its torch rho)
+ROBUST_LOSSES = {"huber": HUBER, "soft_l1": SOFT_L1, "cauchy": CAUCHY, "arctan": ARCTAN}
 _PLAIN = (PLAIN, 1.0)
 
 
@@ -377,8 +382,10 @@ def _rho(loss, z):
     if loss == CAUCHY:
         t = 1 + z
         return math.log1p(z), 1 / t, -1 / t**2
-    t = 1 + z**2  # arctan
-    return math.atan(z), 1 / t, -2 * z / t**2
+    if loss == ARCTAN:
+        t = 1 + z**2
+        return math.atan(z), 1 / t, -2 * z / t**2
+    return math.nan, math.nan, math.nan  # pragma: no cover - bridge passes no other code
 
 
 @numba.njit(**JIT)
