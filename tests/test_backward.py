@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gradfit.fitting.backward import backward
+from gradfit.optim.backward import backward
 
 
 def _gradients(step, dtype):

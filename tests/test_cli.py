@@ -188,7 +188,8 @@ def test_a_diverging_fit_exits_3_and_still_writes_its_results(decay_csv, tmp_pat
 
 
 def test_outputs_are_all_or_nothing(tmp_path):
-    from gradfit.io.files import output_dir, write_text_atomic, write_with
+    from gradfit.cli.outputs import output_dir
+    from gradfit.io.files import write_text_atomic, write_with
 
     target = write_text_atomic(tmp_path / "results.json", "old")
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import gradfit as gf
-from gradfit.fitting.loop import Problem
 from gradfit.model import expr
 from gradfit.model.expr import BinOp, Call, Neg, Num
 from gradfit.model.losses import LOSSES, Loss, get_loss
@@ -21,6 +20,7 @@ from gradfit.model.models import as_model
 from gradfit.model.parameters import ParameterSpace
 from gradfit.model.program import Program
 from gradfit.optim.compiled import bridge, interpreter, kernel
+from gradfit.optim.problem import Problem
 
 
 def assert_same(got, want, msg=""):

@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 import gradfit as gf
 from gradfit.cli.app import app
 from gradfit.cli.signals import StopRequest
-from gradfit.fitting.loop import Problem, chain_hooks
 from gradfit.model.losses import get_loss
 from gradfit.model.models import as_model
 from gradfit.model.parameters import ParameterSpace
 from gradfit.optim import compiled_lm
 from gradfit.optim.dispatch import COMPILED_MAX_HISTORY, lm_kernel, stop_only
+from gradfit.optim.problem import Problem, chain_hooks
 
 runner = CliRunner()
 MODEL = "a*exp(-k*t) + c"

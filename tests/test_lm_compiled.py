@@ -8,7 +8,6 @@ import torch
 
 import gradfit as gf
 from gradfit.batch import fit_batch as batch
-from gradfit.fitting.loop import Problem
 from gradfit.model.losses import get_loss
 from gradfit.model.models import as_model
 from gradfit.model.parameters import ParameterSpace
@@ -16,6 +15,7 @@ from gradfit.optim.compiled import bridge as lm_compiled
 from gradfit.optim.compiled import interpreter as compiled_program
 from gradfit.optim.least_squares import residual_functions
 from gradfit.optim.lm import LMStatus, levenberg_marquardt
+from gradfit.optim.problem import Problem
 from gradfit.results.batch_result import TOO_FEW_POINTS
 
 GAUSSIAN = "amplitude*exp(-(x - center)**2/(2*width**2)) + offset"

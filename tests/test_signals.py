@@ -14,7 +14,7 @@ import torch
 import gradfit as gf
 from gradfit.cli.signals import stop_on_signals
 from gradfit.fitting.checkpoint import read_checkpoint
-from gradfit.fitting.loop import chain_hooks
+from gradfit.optim.problem import chain_hooks
 
 
 def raise_at(epoch_to_signal, signum=signal.SIGINT):

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 import gradfit as gf
 from gradfit.cli.app import app
-from gradfit.fitting.loop import STATUSES
 from gradfit.optim.least_squares import _STATUS
+from gradfit.optim.status import STATUSES
 from gradfit.results.batch_result import NOT_CONVERGED, NOT_ESTIMABLE, STATUS_NAMES, BatchResult
 from gradfit.results.stats import estimability, estimability_tolerance
 

@@ -23,6 +23,7 @@ from gradfit.errors import (
 from gradfit.fitting.fit import fit
 from gradfit.model import losses, models
 from gradfit.model.models import Model
+from gradfit.options import FitOptions
 from gradfit.results.batch_result import BatchResult
 from gradfit.results.fit_result import FitResult
 
@@ -36,6 +37,7 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "ExpressionError",
+    "FitOptions",
     "FitResult",
     "GradfitError",
     "Model",

@@ -14,10 +14,10 @@ import math
 
 import torch
 
-from gradfit.fitting.backward import backward
-from gradfit.fitting.loop import Problem
 from gradfit.optim import FIRST_ORDER
+from gradfit.optim.backward import backward
 from gradfit.optim.lm import LMStatus
+from gradfit.optim.problem import Problem
 from gradfit.results.batch_result import DIVERGED
 
 Tensor = torch.Tensor

@@ -27,14 +27,15 @@ from gradfit.batch.linalg import MAX_P, cholesky, cholesky_inverse
 from gradfit.batch.malloc import release_freed_memory, reuse_freed_memory
 from gradfit.batch.stream import ResultStream
 from gradfit.errors import DataError, OptionError, unknown_name
-from gradfit.fitting.loop import Problem
-from gradfit.model.losses import Loss, get_loss
+from gradfit.model.losses import Loss
 from gradfit.model.models import Model, as_model, check_uses_independent
 from gradfit.model.parameters import Bound, ParameterSpace
-from gradfit.optim import FIRST_ORDER, OPTIMIZERS, check_epochs, learning_rate
+from gradfit.optim import FIRST_ORDER
 from gradfit.optim.dispatch import lm_kernel
 from gradfit.optim.least_squares import residual_functions, residual_subset
 from gradfit.optim.lm import autodiff_jacobian, levenberg_marquardt, stack_jacobian
+from gradfit.optim.problem import Problem
+from gradfit.options import FitOptions, options_from
 from gradfit.results.batch_result import NO_DATA, TOO_FEW_POINTS, BatchResult, concat
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def fit_batch(
     fixed: Mapping[str, float] | None = None,
     loss: str | Loss = "mse",
     f_scale: float = 1.0,
-    optimizer: str = "lm",
+    optimizer: str = "auto",
     lr: float | None = None,
     epochs: int | None = None,
     tol: float | None = None,
@@ -80,6 +81,7 @@ def fit_batch(
     on_chunk: Callable[[int, BatchResult], None] | None = None,
     skip_chunk: Callable[[int, int], bool] | None = None,
     out: str | Path | None = None,
+    options: FitOptions | None = None,
 ) -> BatchResult:
     """Fit ``model`` to each row of ``y`` ``[K, N]`` independently.
 
@@ -91,10 +93,12 @@ def fit_batch(
         mask: ``[K, N]`` bool, True where a point is valid.
         p0: one vector ``[P]``, per-curve ``[K, P]``, a mapping name -> value, or None (the
             built-in's vectorised guess, else ones).
-        optimizer: ``lm`` (default), or the first-order ``gd``, ``sgd``, ``adam`` (any named
-            loss, ``lr`` as in ``fit``, 15,000 epochs unless ``epochs``); ``auto`` is ``lm`` for
-            least-squares losses and ``adam`` otherwise. ``lbfgs`` is not batched.
+        optimizer: ``auto`` (default: ``lm`` for least-squares losses, else ``adam``; see
+            ``FitOptions.resolve``), ``lm``, or the first-order ``gd``, ``sgd``, ``adam`` (any
+            named loss, ``lr`` as in ``fit``, 15,000 epochs unless ``epochs``). ``lbfgs`` is
+            not batched.
         lr: learning rate of a first-order optimizer (default as in ``fit``).
+        options: a ready ``FitOptions`` instead of the keyword options (not both).
         chunk_size: curves per chunk; default from ``memory_budget`` bytes (default: a few
             thousand curves on the CPU, an eighth of the free memory of a GPU).
         on_chunk: called with (first curve index, chunk result) as each chunk finishes.
@@ -113,12 +117,17 @@ def fit_batch(
         >>> result.params.round(decimals=6).tolist(), result.converged.tolist()
         ([[2.0, 1.0], [-1.0, 3.0]], [True, True])
     """
+    opts = options_from(
+        options, loss=loss, f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs,
+        tol=tol, p0=p0, bounds=bounds, fixed=fixed, absolute_sigma=absolute_sigma,
+        dtype=dtype, device=device,
+    )  # fmt: skip
     model = as_model(model)
-    dtype = dtype or torch.float64
-    loss_fn = get_loss(loss)
-    optimizer = batch_optimizer(optimizer, loss_fn)
-    check_epochs(epochs)
-    lr = learning_rate(optimizer, lr)
+    dtype, device, p0 = opts.dtype or torch.float64, opts.device, opts.p0
+    loss_fn = opts.loss_fn
+    optimizer = batch_optimizer(opts)
+    lr, tol, absolute_sigma = opts.learning_rate(optimizer), opts.tol, opts.absolute_sigma
+    epochs, f_scale = opts.epochs, opts.f_scale
     if loss_fn.name == "chi2" and sigma is None:
         raise OptionError("loss 'chi2' needs sigma (per-point standard deviations)")
     # The inputs stay as given (views, no copies): each chunk is converted when it is fitted,
@@ -132,7 +141,7 @@ def fit_batch(
         p0 = _as_array(p0)
         if len(p0.shape) == 2 and p0.shape[0] != K:
             raise OptionError(f"p0 has {p0.shape[0]} rows for {K} curves; give [P] or [K, P]")
-    space = ParameterSpace.build(model.param_names, bounds, fixed)
+    space = ParameterSpace.build(model.param_names, opts.bounds, opts.fixed)
     chunk = chunk_size or _balanced(
         default_chunk_size(N, len(model.param_names), device, memory_budget), K, device
     )
@@ -185,25 +194,16 @@ def fit_batch(
     return joined
 
 
-def batch_optimizer(name: str, loss: Loss) -> str:
-    """The optimizer ``fit_batch`` runs for ``name``, or a clear refusal."""
-    if name not in OPTIMIZERS:
-        raise unknown_name("optimizer", name, OPTIMIZERS)
-    if name == "auto":
-        name = "lm" if loss.least_squares else "adam"
-    if name == "lbfgs":
-        raise OptionError(
-            "fit_batch does not batch lbfgs (each curve would need its own line search); "
-            "use lm, gd, sgd or adam, or gradfit.fit curve by curve"
-        )
+def batch_optimizer(options: FitOptions) -> str:
+    """The optimizer ``fit_batch`` runs for ``options``, or a clear refusal."""
+    optimizer = options.resolve(batched=True)
+    loss = options.loss_fn
     if loss.custom is not None:
         raise OptionError(
             f"fit_batch needs a named loss (mse, sse, chi2, mae, huber, soft_l1, cauchy, arctan), "
             f"not the callable {loss.name!r}; gradfit.fit takes it curve by curve"
         )
-    if name == "lm" and not loss.least_squares:
-        raise OptionError(f"optimizer 'lm' needs a least-squares loss, not {loss.name!r}; use adam")
-    return name
+    return optimizer
 
 
 @contextmanager

@@ -22,11 +22,10 @@ from gradfit.batch.stream import SUFFIXES as OUTPUT_SUFFIXES
 from gradfit.errors import DataError, OptionError
 from gradfit.fitting.checkpoint import data_hashes, mismatch, model_identity, plain
 from gradfit.io.files import check_parent, write_text_atomic
-from gradfit.io.tables import NAN_POLICIES, read_raw_table, to_float
-from gradfit.model.losses import get_loss
+from gradfit.io.tables import read_raw_table, to_float
 from gradfit.model.models import Model
 from gradfit.model.parameters import ParameterSpace
-from gradfit.optim import learning_rate
+from gradfit.options import FitOptions, options_from
 from gradfit.results.batch_result import NO_DATA, STATUS_NAMES, BatchResult
 
 #: status of a group with no valid point; until batch_result names a ``no_data`` code, such
@@ -177,14 +176,18 @@ def run_fit_many(
     resume: bool = False,
     overwrite: bool = False,
     chunk_size: int | None = None,
-    nan_policy: str = "raise",
     stop: Callable[[], bool] | None = None,
-    **options: Any,
+    progress: bool = False,
+    options: FitOptions | None = None,
+    **keywords: Any,
 ) -> BatchResult | None:
     """Fit every group of ``data``; write ``out`` (Parquet or CSV), chunk by chunk.
 
-    Returns None when ``stop()`` turned true: finished chunks stay for ``resume``.
+    ``options`` (or the same as keywords: loss, optimizer, p0, ...) say how to fit. Returns
+    None when ``stop()`` turned true: finished chunks stay for ``resume``.
     """
+    opts = options_from(options, **keywords)
+    nan_policy = opts.nan_policy  # also how the table is read: omitted rows, no_data groups
     suffix = out.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise OptionError(f"--out {out}: use a .parquet or .csv file")
@@ -193,10 +196,6 @@ def run_fit_many(
     if out.exists() and out.is_dir():
         raise OptionError(f"--out {out}: is a folder; give a .parquet or .csv file name")
     check_parent(out, "--out")
-    if nan_policy not in NAN_POLICIES:
-        raise OptionError(
-            f"--nan-policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}"
-        )
     if data.suffix.lower() in (".npz", ".npy"):
         keys, packed = read_wide(data)  # NaN marks padding in wide arrays
     else:
@@ -204,14 +203,14 @@ def run_fit_many(
             raise OptionError("--group is required for long-form CSV/Parquet input")
         keys, packed = read_long(data, group, x, y, sigma, nan_policy)
     chunk_size = chunk_size or default_chunk_size(
-        packed["y"].shape[1], len(model.param_names), options.get("device")
+        packed["y"].shape[1], len(model.param_names), opts.device
     )
     if resume and not overwrite and out.exists() and not _PartStore.folder_of(out).exists():
         raise OptionError(
             f"--resume: {out} is complete (no {_PartStore.folder_of(out).name}/ left to "
             "continue); use --overwrite to fit again"
         )
-    identity = run_identity(model, keys, packed, options)
+    identity = run_identity(model, keys, packed, opts)
     parts = _PartStore(out, resume=resume, chunk_size=chunk_size, identity=identity)
     stopped = stop or (lambda: False)
     try:
@@ -221,7 +220,8 @@ def run_fit_many(
             on_chunk=lambda start, chunk: parts.write(
                 start, _mark_no_data(chunk), keys, group or "curve"
             ),
-            skip_chunk=lambda start, stop: parts.done(start, stop) or stopped(), **options,
+            skip_chunk=lambda start, stop: parts.done(start, stop) or stopped(), options=opts,
+            progress=progress,
         )  # fmt: skip
     except Exception:
         parts.clean_if_empty()  # refused before any chunk was fitted: leave nothing behind
@@ -230,17 +230,15 @@ def run_fit_many(
         return None
     # the table is re-read from the parts, so fresh and resumed runs write the same thing
     final = parts.combine(keys, group or "curve")
-    final.optimizer = batch_optimizer(
-        options.get("optimizer", "lm"), get_loss(options.get("loss", "mse"))
-    )
-    final.fixed = tuple(options.get("fixed") or ())  # the parts' tables do not carry it
+    final.optimizer = batch_optimizer(opts)
+    final.fixed = tuple(opts.fixed or ())  # the parts' tables do not carry it
     final.save(out)
     parts.clean()
     return final
 
 
 def run_identity(
-    model: Model, keys: np.ndarray, packed: dict[str, np.ndarray], options: dict[str, Any]
+    model: Model, keys: np.ndarray, packed: dict[str, np.ndarray], options: FitOptions
 ) -> dict[str, Any]:
     """What a parts folder belongs to: model, options and a hash of each data array.
 
@@ -248,16 +246,15 @@ def run_identity(
     continued, so rows fitted under other limits would mix); ``device``, ``chunk_size`` (the
     folder's own is kept) and the progress bar may change on resume.
     """
-    loss = get_loss(options.get("loss", "mse"))
-    optimizer = batch_optimizer(options.get("optimizer", "lm"), loss)
-    space = ParameterSpace.build(model.param_names, options.get("bounds"), options.get("fixed"))
+    optimizer = batch_optimizer(options)
+    space = ParameterSpace.build(model.param_names, options.bounds, options.fixed)
     identity = model_identity(model, space)
-    identity |= {"loss": loss.name, "f_scale": float(options.get("f_scale", 1.0))}
-    identity |= {"optimizer": optimizer, "lr": learning_rate(optimizer, options.get("lr"))}
+    identity |= {"loss": options.loss_fn.name, "f_scale": float(options.f_scale)}
+    identity |= {"optimizer": optimizer, "lr": options.learning_rate(optimizer)}
     for name in ("epochs", "tol", "p0"):
-        identity[name] = plain(options.get(name))
-    identity["absolute_sigma"] = bool(options.get("absolute_sigma", False))
-    identity["dtype"] = str(options.get("dtype") or "torch.float64")
+        identity[name] = plain(getattr(options, name))
+    identity["absolute_sigma"] = bool(options.absolute_sigma)
+    identity["dtype"] = str(options.dtype or "torch.float64")
     identity["data"] = data_hashes({"keys": keys, **packed})
     return json.loads(json.dumps(identity))  # as the manifest reads it back
 

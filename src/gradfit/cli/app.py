@@ -168,7 +168,7 @@ def demo(
 ) -> None:
     """The blog post end to end: four figures, results.json and the truth about convergence."""
     from gradfit.cli.demo import run_demo, write_demo
-    from gradfit.io.files import output_dir
+    from gradfit.cli.outputs import output_dir
 
     try:
         with output_dir(out or Path("gradfit-demo"), overwrite=overwrite) as staging:
@@ -250,17 +250,20 @@ def fit_command(
     (status "interrupted", exit 130 or 143). Exit 2: bad input; 3: the fit failed (diverged,
     non-finite at the start, singular).
     """
-    from gradfit.cli.commands import run_fit
+    from gradfit.cli.commands import fit_options, run_fit
     from gradfit.cli.signals import stop_on_signals
 
     with stop_on_signals() as stop:
         try:
             with read_tables_with(delimiter, header):
+                options = fit_options(
+                    p0=p0, bounds=bounds, fix=fix, loss=loss, f_scale=f_scale,
+                    optimizer=optimizer, lr=lr, epochs=epochs, tol=tol, seed=seed,
+                    nan_policy=nan_policy, absolute_sigma=absolute_sigma,
+                )  # fmt: skip
                 result = run_fit(
-                    data, x=x, y=y, model=model, sigma=sigma, p0=p0, bounds=bounds, fix=fix,
-                    loss=loss, f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs,
-                    tol=tol, seed=seed, nan_policy=nan_policy, absolute_sigma=absolute_sigma,
-                    out=out, report=report, overwrite=overwrite, checkpoint=checkpoint,
+                    data, x=x, y=y, model=model, sigma=sigma, options=options, out=out,
+                    report=report, overwrite=overwrite, checkpoint=checkpoint,
                     checkpoint_every=checkpoint_every, resume=resume, hook=stop.hook,
                 )  # fmt: skip
         except GradfitError as error:
@@ -281,7 +284,7 @@ def fit_command(
         again = f"; continue with --resume {checkpoint or resume}" if checkpoint or resume else ""
         print(f"note: stopped by {stop.name}: {result.message}{where}{again}", file=sys.stderr)
         raise typer.Exit(stop.exit_code)
-    from gradfit.fitting.loop import FAILED  # torch is loaded by now; the CLI's start stays light
+    from gradfit.optim.status import FAILED  # torch is loaded by now; the CLI's start stays light
 
     if result.status in FAILED:
         print(f"error: {result.message}", file=sys.stderr)
@@ -327,19 +330,21 @@ def fit_many_command(
     Finished chunks are kept beside --out (in OUT.parts/) until the run completes, so a killed
     or interrupted run continues with --resume and loses at most one chunk.
     """
-    from gradfit.cli.commands import run_fit_many_command
+    from gradfit.cli.commands import fit_options, run_fit_many_command
     from gradfit.cli.signals import stop_on_signals
 
     with stop_on_signals() as stop:
         try:
             with read_tables_with(delimiter, header):
+                options = fit_options(
+                    p0=p0, bounds=bounds, fix=fix, loss=loss, f_scale=f_scale,
+                    optimizer=optimizer, lr=lr, epochs=epochs, tol=tol, dtype=dtype,
+                    device=device, nan_policy=nan_policy, absolute_sigma=absolute_sigma,
+                )  # fmt: skip
                 result = run_fit_many_command(
-                    data, model=model, out=out, group=group, x=x, y=y, sigma=sigma, p0=p0,
-                    bounds=bounds, fix=fix, loss=loss, f_scale=f_scale, optimizer=optimizer,
-                    lr=lr, epochs=epochs, tol=tol, dtype=dtype,
-                    device=device, chunk_size=chunk_size, nan_policy=nan_policy,
-                    absolute_sigma=absolute_sigma, resume=resume, overwrite=overwrite,
-                    stop=lambda: stop.requested,
+                    data, model=model, out=out, group=group, x=x, y=y, sigma=sigma,
+                    options=options, chunk_size=chunk_size, resume=resume,
+                    overwrite=overwrite, stop=lambda: stop.requested,
                 )  # fmt: skip
         except GradfitError as error:
             raise fail(str(error)) from None

@@ -5,16 +5,21 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
+from gradfit.cli.outputs import check_output_dir, output_dir
+from gradfit.cli.parsing import parse_assignments, parse_bounds
 from gradfit.errors import OptionError
 from gradfit.fitting.fit import check_model_name, fit
-from gradfit.fitting.loop import FAILED, Hook
-from gradfit.io.files import check_output_dir, check_parent, output_dir
+from gradfit.io.files import check_parent
 from gradfit.io.tables import prepare_data, read_table
 from gradfit.model.models import Model, get_builtin
-from gradfit.model.parameters import parse_assignments, parse_bounds
+from gradfit.optim.problem import Hook
+from gradfit.optim.status import FAILED
+from gradfit.options import FitOptions
 from gradfit.results.batch_result import BatchResult
 from gradfit.results.fit_result import FitResult
 
@@ -30,6 +35,22 @@ def build_model(text: str, x_columns: list[str]) -> tuple[Model, bool]:
     return Model(text, independent=x_columns), True
 
 
+def fit_options(
+    *, p0: str | None, bounds: str | None, fix: str | None, dtype: str | None = None, **flags: Any
+) -> FitOptions:
+    """One ``FitOptions`` from the CLI's flags: ``--p0``, ``--bounds``, ``--fix`` and
+    ``--dtype`` are parsed here, the rest go in as given (and are validated there)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise OptionError(f"--dtype must be float64 or float32, got {dtype!r}")
+    return FitOptions(
+        p0=parse_assignments(p0, "--p0") if p0 else None,
+        bounds=parse_bounds(bounds) if bounds else None,
+        fixed=parse_assignments(fix, "--fix") if fix else None,
+        dtype=None if dtype is None else getattr(torch, DTYPES[dtype]),
+        **flags,
+    )
+
+
 def run_fit(
     data: Path,
     *,
@@ -37,18 +58,7 @@ def run_fit(
     y: str,
     model: str,
     sigma: str | None,
-    p0: str | None,
-    bounds: str | None,
-    fix: str | None,
-    loss: str,
-    f_scale: float,
-    optimizer: str,
-    lr: float | None,
-    epochs: int | None,
-    tol: float | None,
-    seed: int | None,
-    nan_policy: str,
-    absolute_sigma: bool,
+    options: FitOptions,
     out: Path | None,
     report: bool,
     overwrite: bool,
@@ -64,11 +74,6 @@ def run_fit(
     """
     x_columns = [c.strip() for c in x.split(",") if c.strip()]
     the_model, named = build_model(model, x_columns)
-    options = {
-        "p0": parse_assignments(p0, "--p0") if p0 else None,
-        "bounds": parse_bounds(bounds) if bounds else None,
-        "fixed": parse_assignments(fix, "--fix") if fix else None,
-    }
     if out is not None:
         check_output_dir(out, overwrite=overwrite)
     checkpoint = checkpoint or resume  # a resumed run stays resumable
@@ -91,13 +96,11 @@ def run_fit(
     labels = {key: f"{data}: column {name!r}" for key, name in names.items()}
     prepare_data(
         x_values, columns[y], sigma_values, independent=the_model.independent,
-        nan_policy=nan_policy, labels=labels, omit_hint="--nan-policy omit",
+        nan_policy=options.nan_policy, labels=labels, omit_hint="--nan-policy omit",
     )  # fmt: skip
     result = fit(
-        the_model, x_values, columns[y], sigma=sigma_values, loss=loss, f_scale=f_scale,
-        optimizer=optimizer, lr=lr, epochs=epochs, tol=tol, seed=seed, nan_policy=nan_policy,
-        absolute_sigma=absolute_sigma, progress=True, hook=hook, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, resume=resume, **options,
+        the_model, x_values, columns[y], sigma=sigma_values, options=options, progress=True,
+        hook=hook, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
     )  # fmt: skip
     # the figures' axes carry the table's column names
     result.data["labels"] = {"x": x_columns[0] if len(x_columns) == 1 else x, "y": y}
@@ -148,41 +151,17 @@ def run_fit_many_command(
     x: str,
     y: str,
     sigma: str | None,
-    p0: str | None,
-    bounds: str | None,
-    fix: str | None,
-    loss: str,
-    f_scale: float,
-    epochs: int | None,
-    dtype: str,
-    device: str | None,
+    options: FitOptions,
     chunk_size: int | None,
-    nan_policy: str,
-    absolute_sigma: bool,
     resume: bool,
     overwrite: bool,
     stop: Callable[[], bool] | None = None,
-    optimizer: str = "lm",
-    lr: float | None = None,
-    tol: float | None = None,
 ) -> BatchResult | None:
-    """Parse the options, then ``many.run_fit_many``; None when a signal stopped the run."""
-    import torch
-
+    """``many.run_fit_many`` with the CLI's model text; None when a signal stopped the run."""
     from gradfit.batch.many import run_fit_many
 
-    if dtype not in DTYPES:
-        raise OptionError(f"--dtype must be float64 or float32, got {dtype!r}")
     the_model, _ = build_model(model, [x])
-    options = {
-        "p0": parse_assignments(p0, "--p0") if p0 else None,
-        "bounds": parse_bounds(bounds) if bounds else None,
-        "fixed": parse_assignments(fix, "--fix") if fix else None,
-    }
     return run_fit_many(
         data, model=the_model, group=group, x=x, y=y, sigma=sigma, out=out, resume=resume,
-        overwrite=overwrite, chunk_size=chunk_size, nan_policy=nan_policy, stop=stop,
-        loss=loss, f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs, tol=tol,
-        absolute_sigma=absolute_sigma,
-        dtype=getattr(torch, DTYPES[dtype]), device=device, progress=True, **options,
+        overwrite=overwrite, chunk_size=chunk_size, stop=stop, progress=True, options=options,
     )  # fmt: skip

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from gradfit.errors import CheckpointError
-from gradfit.fitting.loop import Hook, LoopState, Problem
 from gradfit.io.files import write_with
 from gradfit.model.models import Model
 from gradfit.model.parameters import ParameterSpace
+from gradfit.optim.problem import Hook, LoopState, Problem
 
 Tensor = torch.Tensor
 FORMAT = "gradfit-checkpoint"

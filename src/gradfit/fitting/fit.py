@@ -13,24 +13,20 @@ from torch import nn
 
 from gradfit.errors import ModelError, OptionError, unknown_name
 from gradfit.fitting import checkpoint as checkpoints
-from gradfit.fitting.loop import (
-    Hook,
-    LoopOutcome,
-    LoopState,
-    Problem,
-    chain_hooks,
-    run_lbfgs,
-    run_loop,
-)
+from gradfit.fitting.loop import run_loop
+from gradfit.fitting.progress import progress_bar
 from gradfit.io.files import check_parent
 from gradfit.io.tables import prepare_data
-from gradfit.model.losses import Loss, get_loss
+from gradfit.model.losses import Loss
 from gradfit.model.models import BUILTINS, Model, as_model, check_uses_independent, get_builtin
 from gradfit.model.parameters import Bound, ParameterSpace
-from gradfit.optim import FIRST_ORDER, OPTIMIZERS, check_epochs, learning_rate
+from gradfit.optim import FIRST_ORDER
+from gradfit.optim.lbfgs import run_lbfgs
+from gradfit.optim.problem import Hook, LoopOutcome, LoopState, Problem, chain_hooks
+from gradfit.options import FitOptions, options_from
 from gradfit.results import stats
 from gradfit.results.fit_result import FitResult
-from gradfit.views.progress import progress_bar
+from gradfit.results.jacobian import prediction_and_jacobian
 
 Tensor = torch.Tensor
 
@@ -60,6 +56,7 @@ def fit(
     checkpoint: str | Path | None = None,
     checkpoint_every: int | None = None,
     resume: str | Path | None = None,
+    options: FitOptions | None = None,
 ) -> FitResult:
     """Fit ``model`` to ``(x, y)`` by minimising ``loss``.
 
@@ -88,6 +85,7 @@ def fit(
         checkpoint, checkpoint_every: save the loop's state to this file every N epochs
             (default 1000 for gd/sgd/adam, every iteration for lm/lbfgs) and at the end
             (lm then runs its PyTorch kernel, which returns after every iteration).
+        options: a ready ``FitOptions`` instead of the keyword options above (not both).
         resume: continue from this checkpoint; it must come from the same model, data and
             options (exact for gd/sgd/adam/lbfgs; LM restarts from the saved parameters).
 
@@ -98,43 +96,41 @@ def fit(
         >>> result.converged, round(result.params["a"])  # the noisy data's optimum, not 20
         (True, 18)
     """
-    if seed is not None:
-        torch.manual_seed(seed)
+    opts = options_from(
+        options, loss=loss, f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs,
+        tol=tol, p0=p0, bounds=bounds, fixed=fixed, absolute_sigma=absolute_sigma,
+        nan_policy=nan_policy, dtype=dtype, device=device, seed=seed,
+    )  # fmt: skip
+    if opts.seed is not None:
+        torch.manual_seed(opts.seed)
     if isinstance(model, str):
         check_model_name(model)
     model = as_model(model)
-    dtype = dtype or torch.float64
+    dtype = opts.dtype or torch.float64
     data = prepare_data(
-        x,
-        y,
-        sigma,
-        independent=model.independent,
-        nan_policy=nan_policy,
-        dtype=dtype,
-        device=device,
-    )
+        x, y, sigma, independent=model.independent, nan_policy=opts.nan_policy, dtype=dtype,
+        device=opts.device,
+    )  # fmt: skip
     check_uses_independent(model)
-    loss_fn = get_loss(loss)
-    if loss_fn.name == "chi2" and data.sigma is None:
+    if opts.loss_fn.name == "chi2" and data.sigma is None:
         raise OptionError("loss 'chi2' needs sigma (per-point standard deviations)")
-    loss_fn = loss_fn.with_options(f_scale=f_scale, sigma=data.sigma)
-    optimizer = _choose_optimizer(optimizer, loss_fn)
-    check_epochs(epochs)
-    space = ParameterSpace.build(model.param_names, bounds, fixed)
+    loss_fn = opts.loss_fn.with_options(sigma=data.sigma)
+    optimizer = opts.resolve(batched=False)
+    space = ParameterSpace.build(model.param_names, opts.bounds, opts.fixed)
     if data.n_points < len(space.free):
         raise OptionError(
             f"{data.n_points} data points cannot determine {len(space.free)} free parameters "
             f"({', '.join(space.free_names)}); fix some or give more points"
         )
-    p_start = _starting_params(model, p0, data.x, data.y, dtype, data.y.device)
+    p_start = _starting_params(model, opts.p0, data.x, data.y, dtype, data.y.device)
     space.check_start(p_start)
     _check_model_output(model, data.x, data.y, p_start)
     problem = Problem(model, data.x, data.y, loss_fn, space)
     theta = space.to_theta(p_start.unsqueeze(0))[0]
-    lr = learning_rate(optimizer, lr)
+    lr = opts.learning_rate(optimizer)
     identity = {}
     if checkpoint or resume:  # tol and the start decide the result as much as the model does
-        identity = checkpoints.identify(problem, optimizer, lr, tol=tol, p0=p_start)
+        identity = checkpoints.identify(problem, optimizer, lr, tol=opts.tol, p0=p_start)
     if resume is not None:
         state = checkpoints.load_checkpoint(resume, identity, theta.device)
     else:
@@ -142,14 +138,14 @@ def fit(
     if checkpoint is not None:
         every = _checkpoint_every(checkpoint_every, optimizer, checkpoint)
         hook = chain_hooks(hook, checkpoints.checkpoint_hook(checkpoint, state, identity, every))
-    total = epochs or (15_000 if optimizer in FIRST_ORDER else 0)
+    epoch_limit = opts.epoch_limit(optimizer)
     # no bar for lm: it would need every iteration, which would cost it its compiled kernel
     bar = progress and optimizer != "lm"
-    with progress_bar(hook, total) if bar else contextlib.nullcontext(hook) as hooks:
-        outcome = _optimise(problem, state, optimizer, lr, epochs, tol, hooks)
+    with progress_bar(hook, epoch_limit or 0) if bar else contextlib.nullcontext(hook) as hooks:
+        outcome = _optimise(problem, state, optimizer, lr, epoch_limit, opts.tol, hooks)
     if checkpoint is not None and outcome.status != "diverged":  # resumable where it stopped
         checkpoints.save_checkpoint(checkpoint, state, identity)
-    return _result(problem, outcome, optimizer, data.n_omitted, absolute_sigma, p_start)
+    return _result(problem, outcome, optimizer, data.n_omitted, opts.absolute_sigma, p_start)
 
 
 def check_model_name(text: str, independent: Sequence[str] = ("x",)) -> None:
@@ -170,18 +166,6 @@ def check_model_name(text: str, independent: Sequence[str] = ("x",)) -> None:
     error = unknown_name("model", name, [*BUILTINS, "polynomialN"])
     var = independent[0]
     raise OptionError(f"{error}; or write an expression in {var}, such as 'a*{var} + b'")
-
-
-def _choose_optimizer(name: str, loss: Loss) -> str:
-    if name not in OPTIMIZERS:
-        raise unknown_name("optimizer", name, OPTIMIZERS)
-    if name == "auto":
-        return "lm" if loss.least_squares else "lbfgs"
-    if name == "lm" and not loss.least_squares:
-        raise OptionError(
-            f"optimizer 'lm' needs a least-squares loss, not {loss.name!r}; use lbfgs or adam"
-        )
-    return name
 
 
 def _starting_params(
@@ -283,7 +267,7 @@ def _result(
         J_free, residuals = outcome.rows[:-1].T, outcome.rows[-1]
         y_pred = y + (residuals if sigma is None else residuals * sigma)
     else:
-        y_pred, J = _prediction_and_jacobian(model, problem.x, params)
+        y_pred, J = prediction_and_jacobian(model, problem.x, params)
         if cpu:
             y_pred, J = y_pred.numpy(), J.numpy()
         residuals = y_pred - y if sigma is None else (y_pred - y) / sigma
@@ -313,13 +297,3 @@ def _result(
         start=start,
         estimability=estimability,
     )
-
-
-def _prediction_and_jacobian(model: Model, x: Any, params: Tensor) -> tuple[Tensor, Tensor]:
-    symbolic = model.jacobian(x, params)
-    if symbolic is not None:
-        return symbolic[0].detach(), symbolic[1].detach()
-    with torch.enable_grad():
-        J = torch.func.jacfwd(lambda p: model(x, p))(params)  # (N, P)
-        y_pred = model(x, params)
-    return y_pred.detach(), J.detach()

@@ -1,4 +1,4 @@
-"""Atomic file writes: a temporary file beside the target, then ``os.replace``.
+"""Atomic file writes: a temporary file (or folder) beside the target, then ``os.replace``.
 
 A kill at any moment leaves either the old file or the complete new one, never half.
 """
@@ -42,40 +42,13 @@ def write_with(path: Path, writer: Callable[[Path], None]) -> Path:
     return path
 
 
-def check_parent(path: Path, option: str) -> None:
-    """Refuse a ``path`` whose nearest existing ancestor is a file: it could never be written."""
-    from gradfit.errors import OptionError
-
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise OptionError(f"{option} {path}: {ancestor} is not a folder")
-
-
-def check_output_dir(path: Path, *, overwrite: bool = False) -> None:
-    """Refuse an ``--out`` that is a file, or a non-empty folder unless ``overwrite``.
-
-    Call it before a long fit, so the refusal comes before the work.
-    """
-    from gradfit.errors import OptionError
-
-    check_parent(path, "--out")
-    if path.exists() and not path.is_dir():
-        raise OptionError(f"--out {path}: exists and is not a folder")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise OptionError(f"--out {path}: folder exists and is not empty; use --overwrite")
-
-
 @contextlib.contextmanager
-def output_dir(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Stage outputs in a hidden sibling folder and move them into ``path`` only on success.
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Stage files in a hidden sibling folder and move them into ``path`` only on success.
 
-    A fit that fails or is killed leaves no half-written ``path``. An existing non-empty
-    ``path`` is refused unless ``overwrite``; then each file replaces its old version
-    atomically.
+    A writer that fails or is killed leaves no half-written ``path``. Into an existing
+    ``path``, each staged file replaces its old version atomically.
     """
-    check_output_dir(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
@@ -90,3 +63,14 @@ def output_dir(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
             for item in staging.iterdir():
                 item.unlink()
             staging.rmdir()
+
+
+def check_parent(path: Path, option: str) -> None:
+    """Refuse a ``path`` whose nearest existing ancestor is a file: it could never be written."""
+    from gradfit.errors import OptionError
+
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OptionError(f"{option} {path}: {ancestor} is not a folder")

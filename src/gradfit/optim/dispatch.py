@@ -24,7 +24,7 @@ Hooks. The compiled kernel runs all its iterations without returning to Python, 
 that must see every iteration takes the PyTorch kernel: a user's ``hook=``, a checkpoint
 (``checkpoint=`` saves every N iterations; LM resumes from the saved best parameters, so a
 checkpointed LM fit runs the PyTorch kernel from start to end), or anything chained with
-them (``loop.chain_hooks`` builds a new function, which is per-iteration). A hook that only
+them (``problem.chain_hooks`` builds a new function, which is per-iteration). A hook that only
 asks "stop?" says so with a true ``stop_only`` attribute (``cli/signals.py``'s
 ``StopRequest.hook`` does): it does not force the PyTorch kernel. On the compiled kernel it
 is asked once, when the kernel returns, as if after the last iteration; a Ctrl-C or SIGTERM
@@ -51,7 +51,7 @@ from gradfit.optim import compiled_lm
 if TYPE_CHECKING:
     import torch
 
-    from gradfit.fitting.loop import Hook, Problem
+    from gradfit.optim.problem import Hook, Problem
 
 #: the longest cost history the compiled kernel keeps (a float per iteration: 8 MB)
 COMPILED_MAX_HISTORY = 1_000_000

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from gradfit.fitting.loop import Hook, LoopOutcome, LoopState, Problem
 from gradfit.optim.dispatch import lm_kernel, one_variable, stop_only
 from gradfit.optim.lm import (
     DEFAULT_FTOL,
@@ -22,6 +21,7 @@ from gradfit.optim.lm import (
     describe,
     levenberg_marquardt,
 )
+from gradfit.optim.problem import Hook, LoopOutcome, LoopState, Problem
 
 Tensor = torch.Tensor
 
@@ -177,7 +177,7 @@ def run_lm(
     )  # fmt: skip
 
 
-#: LM codes in ``loop.STATUSES`` words (``batch_result.STATUS_NAMES`` spells them alike)
+#: LM codes in ``status.STATUSES`` words (``batch_result.STATUS_NAMES`` spells them alike)
 _STATUS = {
     LMStatus.FTOL: "converged",
     LMStatus.XTOL: "converged",

@@ -14,7 +14,7 @@ from gradfit.io.files import write_text_atomic, write_with
 Tensor = torch.Tensor
 
 #: status codes shared with the LM kernel (``optim.lm.LMStatus``), plus batch-only ones, named
-#: in the one vocabulary of ``fit``, ``fit_batch`` and ``fit-many`` (``loop.STATUSES``);
+#: in the one vocabulary of ``fit``, ``fit_batch`` and ``fit-many`` (``status.STATUSES``);
 #: ``BatchResult.messages`` says which test or limit stopped each curve
 STATUS_NAMES = {
     0: "running",

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradfit.optim import FIRST_ORDER
 from gradfit.results import stats
 
 if TYPE_CHECKING:
@@ -55,6 +54,9 @@ def _convergence(result: FitResult) -> str | None:
 
 
 def _limit(result: FitResult) -> str | None:
+    # on demand: optim builds on results (the compiled kernel's statistics), not the reverse
+    from gradfit.optim import FIRST_ORDER
+
     unit = "iteration" if result.optimizer == "lm" else "epoch"
     limit = f"not converged: stopped by the {unit} limit ({result.n_iter} {unit}s)"
     falling = stats.remaining_decrease(result.history)

@@ -13,6 +13,7 @@ import torch
 from gradfit.io.files import write_text_atomic
 from gradfit.results import stats
 from gradfit.results.diagnosis import diagnose
+from gradfit.results.jacobian import prediction_and_jacobian
 
 Tensor = torch.Tensor
 
@@ -143,9 +144,7 @@ class FitResult:
 
         The half-width at each x is ``t · sqrt(g(x)ᵀ C g(x))`` with ``g = ∂f/∂params``.
         """
-        from gradfit.fitting.fit import _prediction_and_jacobian
-
-        y_pred, J = _prediction_and_jacobian(self.model, self._as_x(x), self.values)
+        y_pred, J = prediction_and_jacobian(self.model, self._as_x(x), self.values)
         free = [i for i, n in enumerate(self.param_names) if n not in self.fixed]
         C = self.covariance[free][:, free]
         g = J[..., free]
@@ -196,15 +195,20 @@ class FitResult:
         """Write ``to_json()`` to ``path`` atomically."""
         return write_text_atomic(Path(path), self.to_json() + "\n")
 
+    # The views read results and are never imported by them at load time: these two methods
+    # are thin conveniences that import their view when called (a one-way, on-demand use).
+
     def plot(self, out_dir: str | Path) -> list[Path]:
-        """Write ``fit.png`` (data, fit, confidence band, residuals) and ``history.png``."""
+        """Write ``fit.png`` (data, fit, confidence band, residuals) and ``history.png``
+        (``gradfit.views.plots``, imported on call)."""
         from gradfit.views.plots import plot_fit, plot_history
 
         out = Path(out_dir)
         return [plot_fit(self, out / "fit.png"), plot_history(self.history, out / "history.png")]
 
     def report(self) -> str:
-        """A plain-text report: parameters ± stderr, correlations, statistics, stop reason."""
+        """A plain-text report: parameters ± stderr, correlations, statistics, stop reason
+        (``gradfit.views.report.text_report``, imported on call)."""
         from gradfit.views.report import text_report
 
         return text_report(self)

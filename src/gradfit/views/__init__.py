@@ -1,2 +1,1 @@
-"""Views of results: figures, text and HTML reports, progress bars. Results never import
-them."""
+"""Views of results: figures and text and HTML reports. Results never import them."""

@@ -10,13 +10,16 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from gradfit.io.files import write_with
+
+if TYPE_CHECKING:  # typing only: results call this module lazily, never the reverse
+    from gradfit.results.fit_result import FitResult
 
 GRID_POINTS = 400  # dense enough that a fitted curve's curvature shows between data points
 
@@ -155,7 +158,7 @@ def _column(values: Any) -> np.ndarray:
     raise ValueError(f"x has shape {values.shape}, not one column")
 
 
-def _band_available(result: Any) -> bool:
+def _band_available(result: FitResult) -> bool:
     """A band needs a finite covariance of the free parameters and some degrees of freedom."""
     free = [i for i, n in enumerate(result.param_names) if n not in result.fixed]
     if not free or result.dof <= 0:
@@ -168,13 +171,13 @@ def _per_point(sigma: Any, n: int) -> np.ndarray | None:
     return None if sigma is None else np.broadcast_to(_np(sigma).reshape(-1), (n,)).copy()
 
 
-def _labels(result: Any, labels: Mapping[str, str] | None, x_name: str) -> tuple[str, str]:
+def _labels(result: FitResult, labels: Mapping[str, str] | None, x_name: str) -> tuple[str, str]:
     """Axis labels: given ones, else ``result.data["labels"]``, else the variable's name."""
     known = {**(result.data.get("labels") or {}), **(labels or {})}
     return known.get("x", x_name), known.get("y", "y")
 
 
-def _title(result: Any) -> str:
+def _title(result: FitResult) -> str:
     return textwrap.shorten(str(getattr(result.model, "name", "model")), width=70)
 
 
@@ -187,7 +190,7 @@ def _draw_residuals(
     ax.grid(alpha=0.3)
 
 
-def fit_figure(result: Any, labels: Mapping[str, str] | None = None) -> Figure:
+def fit_figure(result: FitResult, labels: Mapping[str, str] | None = None) -> Figure:
     """Data, fitted curve with its 95% confidence band, and residuals below.
 
     With one 1-D independent variable: the data against x (sorted), the model on a dense
@@ -224,7 +227,7 @@ def fit_figure(result: Any, labels: Mapping[str, str] | None = None) -> Figure:
     return figure
 
 
-def _predicted_vs_observed(result: Any, labels: Mapping[str, str] | None) -> Figure:
+def _predicted_vs_observed(result: FitResult, labels: Mapping[str, str] | None) -> Figure:
     """The fallback of :func:`fit_figure`: predicted against observed, and the residuals."""
     y = _np(result.data["y"]).reshape(-1)
     predicted = _np(result.predict(result.data["x"])).reshape(-1)
@@ -243,6 +246,6 @@ def _predicted_vs_observed(result: Any, labels: Mapping[str, str] | None) -> Fig
     return figure
 
 
-def plot_fit(result: Any, path: Path, labels: Mapping[str, str] | None = None) -> Path:
+def plot_fit(result: FitResult, path: Path, labels: Mapping[str, str] | None = None) -> Path:
     """Write :func:`fit_figure` to ``path``."""
     return _save(fit_figure(result, labels), path)

@@ -6,16 +6,19 @@ import base64
 import html
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from gradfit.io.files import write_text_atomic
+
+if TYPE_CHECKING:  # typing only: results call this module lazily, never the reverse
+    from gradfit.results.fit_result import FitResult
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.6g}"
 
 
-def parameter_rows(result: Any) -> list[tuple[str, str, str, str, str]]:
+def parameter_rows(result: FitResult) -> list[tuple[str, str, str, str, str]]:
     """``(name, value, stderr, relative %, note)`` for each parameter."""
     rows = []
     for name in result.param_names:
@@ -25,7 +28,7 @@ def parameter_rows(result: Any) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
-def _note(result: Any, name: str, err: float | None) -> str:
+def _note(result: FitResult, name: str, err: float | None) -> str:
     if name in result.fixed:
         return "fixed"
     if name in result.at_bound:
@@ -33,7 +36,7 @@ def _note(result: Any, name: str, err: float | None) -> str:
     return "not estimable" if err is None else ""
 
 
-def strong_correlations(result: Any, threshold: float = 0.5) -> list[tuple[str, str, float]]:
+def strong_correlations(result: FitResult, threshold: float = 0.5) -> list[tuple[str, str, float]]:
     """Parameter pairs whose |correlation| exceeds ``threshold``, strongest first."""
     names, corr = result.param_names, result.correlation.tolist()
     pairs = [
@@ -45,7 +48,7 @@ def strong_correlations(result: Any, threshold: float = 0.5) -> list[tuple[str, 
     return sorted(pairs, key=lambda item: -abs(item[2]))
 
 
-def statistic_rows(result: Any) -> list[tuple[str, str]]:
+def statistic_rows(result: FitResult) -> list[tuple[str, str]]:
     return [
         ("model", getattr(result.model, "formula", str(result.model))),
         ("loss", f"{result.loss_name} = {_fmt(result.loss)}"),
@@ -63,11 +66,11 @@ def statistic_rows(result: Any) -> list[tuple[str, str]]:
     ]
 
 
-def _steps(result: Any) -> str:
+def _steps(result: FitResult) -> str:
     return "iterations" if result.optimizer == "lm" else "epochs"
 
 
-def text_report(result: Any) -> str:
+def text_report(result: FitResult) -> str:
     """The report as aligned plain text: the warnings first, then the parameters."""
     lines = ["[[Warnings]]", *(f"  {w}" for w in result.warnings)] if result.warnings else []
     lines.append("[[Parameters]]")
@@ -86,7 +89,7 @@ def text_report(result: Any) -> str:
     return "\n".join(lines)
 
 
-def html_report(result: Any, figures: list[Path]) -> str:
+def html_report(result: FitResult, figures: list[Path]) -> str:
     """A single HTML page: tables plus the given PNG figures inlined as data URIs."""
     esc = html.escape
     params = "".join(
@@ -124,6 +127,6 @@ text-align:left}}img{{max-width:100%}}.warnings{{color:#a40000}}</style></head><
 """
 
 
-def write_html_report(result: Any, path: Path, figures: list[Path]) -> Path:
+def write_html_report(result: FitResult, path: Path, figures: list[Path]) -> Path:
     """Write ``html_report`` atomically."""
     return write_text_atomic(path, html_report(result, figures))

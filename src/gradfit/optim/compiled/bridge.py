@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradfit.fitting.loop import Problem
 from gradfit.model.losses import LOSSES
 from gradfit.model.models import Model
 from gradfit.model.parameters import ParameterSpace
@@ -32,6 +31,7 @@ from gradfit.optim import lm
 from gradfit.optim.compiled import kernel
 from gradfit.optim.compiled.interpreter import Code, encode
 from gradfit.optim.compiled.kernel import BOTH, LOWER, NO_BOUND, PLAIN, UPPER
+from gradfit.optim.problem import Problem
 from gradfit.results import stats
 
 #: losses.py's robust losses the kernel computes, by their ``rho`` (what ``supports`` is

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from gradfit.fitting.loop import Hook
+if TYPE_CHECKING:  # typing only: fitting shows this bar, so the views do not import fitting
+    from gradfit.optim.problem import Hook
 
 
 @contextlib.contextmanager
