@@ -25,6 +25,7 @@ KERNEL_TESTS := tests/test_nist_fit.py tests/test_robust_vs_scipy.py tests/test_
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 	GRADFIT_COMPILED=0 $(BIN)/python -m pytest $(KERNEL_TESTS)
 

@@ -19,6 +19,7 @@ from gradfit.errors import (
     GradfitError,
     ModelError,
     OptionError,
+    OutputError,
 )
 from gradfit.fitting.fit import fit
 from gradfit.model import losses, models
@@ -43,6 +44,7 @@ __all__ = [
     "Model",
     "ModelError",
     "OptionError",
+    "OutputError",
     "__version__",
     "datasets",
     "fit",

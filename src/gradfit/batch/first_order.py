@@ -55,7 +55,6 @@ def fit_first_order(
     best_loss = torch.full((K,), math.inf, dtype=theta.dtype, device=theta.device)
     best_theta = theta.detach().clone()
     previous = torch.full_like(best_loss, math.nan)
-    check_change = tol is not None and tol >= 0
     for _ in range(epochs):
         if not bool(running.any()):
             break
@@ -63,7 +62,7 @@ def fit_first_order(
         saved = {name: value.clone() for name, value in state.items() if value.dim() > 0}
         losses = curve_losses(problem, theta, mask, n_valid)
         backward(losses.sum())  # each curve's gradient lands in its own row of theta.grad
-        step.update(theta, theta.grad, state)  # type: ignore[attr-defined]
+        step.update(theta, theta.grad, state)
         theta.grad = None
         stopped = ~running.unsqueeze(-1)  # curves that stopped earlier keep everything
         theta.data.copy_(torch.where(stopped, before, theta.data))
@@ -76,7 +75,7 @@ def fit_first_order(
         best_loss = torch.where(better, loss, best_loss)
         best_theta = torch.where(better.unsqueeze(-1), before, best_theta)
         done += ok
-        if check_change:
+        if tol is not None and tol >= 0:
             change = (previous - loss).abs() <= tol * previous.abs().clamp_min(1e-300)
             converged = ok & (done >= 2) & change
             status = torch.where(converged, int(LMStatus.FTOL), status)

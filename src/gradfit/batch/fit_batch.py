@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -148,8 +148,8 @@ def fit_batch(
     chunks = [(start, min(start + chunk, K)) for start in range(0, K, chunk)]
 
     def tensors(start: int, stop: int) -> dict[str, Tensor | None]:
-        rows = (_rows(v, start, stop, K) for v in (x, y, sigma, mask))
-        return _batch_tensors(*rows, dtype, device, first=start)
+        x_k, y_k, sigma_k, mask_k = (_rows(v, start, stop, K) for v in (x, y, sigma, mask))
+        return _batch_tensors(x_k, y_k, sigma_k, mask_k, dtype, device, first=start)
 
     if sigma is not None:  # a bad sigma fails before any curve is fitted
         for start, stop in chunks:
@@ -523,7 +523,9 @@ def _curve_statistics(
     if not bool(mask.all()):
         rows = torch.where(mask.unsqueeze(1), rows, 0.0)
     jt = rows[:, :-1]  # (k, F, N)
-    fit_stats = stats.goodness(problem.y, y_pred, rows[:, -1], len(free), mask)
+    fit_stats = cast(  # tensors in, tensors out
+        dict[str, Tensor], stats.goodness(problem.y, y_pred, rows[:, -1], len(free), mask)
+    )
     normal = torch.bmm(jt, jt.mT)  # (k, F, F)
     if len(free) <= MAX_P:
         L, ok = cholesky(normal)

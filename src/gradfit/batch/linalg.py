@@ -48,7 +48,7 @@ def cholesky_inverse(L: list[list[Tensor]]) -> Tensor:
     """``(L Lᵀ)⁻¹`` ``[..., P, P]`` from the factor of :func:`cholesky`."""
     P = len(L)
     # W = L⁻¹ (lower triangular), then A⁻¹ = Wᵀ W
-    W: list[list[Tensor | None]] = [[None] * P for _ in range(P)]
+    W: list[list[Tensor]] = [[L[0][0]] * P for _ in range(P)]  # placeholders, read once set
     for j in range(P):
         W[j][j] = 1 / L[j][j]
         for i in range(j + 1, P):

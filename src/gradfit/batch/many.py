@@ -13,15 +13,21 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from gradfit.batch.fit_batch import batch_optimizer, default_chunk_size, fit_batch
 from gradfit.batch.stream import SUFFIXES as OUTPUT_SUFFIXES
-from gradfit.errors import DataError, OptionError
+from gradfit.errors import DataError, OptionError, OutputError
 from gradfit.fitting.checkpoint import data_hashes, mismatch, model_identity, plain
-from gradfit.io.files import check_parent, write_text_atomic
+from gradfit.io.files import (
+    check_parent,
+    make_parents,
+    remove_folders,
+    write_text_atomic,
+    writing,
+)
 from gradfit.io.tables import read_raw_table, to_float
 from gradfit.model.models import Model
 from gradfit.model.parameters import ParameterSpace
@@ -191,10 +197,10 @@ def run_fit_many(
     suffix = out.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise OptionError(f"--out {out}: use a .parquet or .csv file")
+    if out.is_dir():
+        raise OptionError(f"--out {out}: is a folder; give a .parquet or .csv file name")
     if out.exists() and not (overwrite or resume):
         raise OptionError(f"--out {out}: file exists; use --overwrite (or --resume)")
-    if out.exists() and out.is_dir():
-        raise OptionError(f"--out {out}: is a folder; give a .parquet or .csv file name")
     check_parent(out, "--out")
     if data.suffix.lower() in (".npz", ".npy"):
         keys, packed = read_wide(data)  # NaN marks padding in wide arrays
@@ -211,7 +217,8 @@ def run_fit_many(
             "continue); use --overwrite to fit again"
         )
     identity = run_identity(model, keys, packed, opts)
-    parts = _PartStore(out, resume=resume, chunk_size=chunk_size, identity=identity)
+    with writing(out, "--out"):  # a full disk names the file, and what was kept
+        parts = _PartStore(out, resume=resume, chunk_size=chunk_size, identity=identity)
     stopped = stop or (lambda: False)
     try:
         fit_batch(
@@ -223,16 +230,22 @@ def run_fit_many(
             skip_chunk=lambda start, stop: parts.done(start, stop) or stopped(), options=opts,
             progress=progress,
         )  # fmt: skip
+        if stopped():
+            return None
+        # the table is re-read from the parts, so fresh and resumed runs write the same thing
+        final = parts.combine(keys, group or "curve")
+        final.optimizer = batch_optimizer(opts)
+        final.fixed = tuple(opts.fixed or ())  # the parts' tables do not carry it
+        with writing(out, "--out"):
+            final.save(out)
+    except OutputError as error:  # a full disk: name the file, and what is kept
+        error.option = error.option or "--out"
+        if not parts.clean_if_empty():
+            error.note = f"the finished chunks are kept in {parts.folder}/ for --resume"
+        raise
     except Exception:
         parts.clean_if_empty()  # refused before any chunk was fitted: leave nothing behind
         raise
-    if stopped():
-        return None
-    # the table is re-read from the parts, so fresh and resumed runs write the same thing
-    final = parts.combine(keys, group or "curve")
-    final.optimizer = batch_optimizer(opts)
-    final.fixed = tuple(opts.fixed or ())  # the parts' tables do not carry it
-    final.save(out)
     parts.clean()
     return final
 
@@ -256,7 +269,7 @@ def run_identity(
     identity["absolute_sigma"] = bool(options.absolute_sigma)
     identity["dtype"] = str(options.dtype or "torch.float64")
     identity["data"] = data_hashes({"keys": keys, **packed})
-    return json.loads(json.dumps(identity))  # as the manifest reads it back
+    return cast(dict[str, Any], json.loads(json.dumps(identity)))  # as the manifest reads it back
 
 
 class _PartStore:
@@ -267,6 +280,7 @@ class _PartStore:
         self, out: Path, *, resume: bool, chunk_size: int, identity: dict[str, Any]
     ) -> None:
         self.folder = self.folder_of(out)
+        self._created: list[Path] = []
         manifest = self.folder / "manifest.json"
         if resume and manifest.exists():
             saved = json.loads(manifest.read_text())
@@ -275,11 +289,15 @@ class _PartStore:
             return
         if self.folder.exists():
             shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True)
+        self._created = make_parents(manifest)  # the folder and any parent it needed
         self.chunk_size = chunk_size
-        write_text_atomic(
-            manifest, json.dumps({"chunk_size": self.chunk_size, "identity": identity})
-        )
+        try:
+            write_text_atomic(
+                manifest, json.dumps({"chunk_size": self.chunk_size, "identity": identity})
+            )
+        except OutputError:
+            remove_folders(self._created)
+            raise
 
     @staticmethod
     def folder_of(out: Path) -> Path:
@@ -319,9 +337,14 @@ class _PartStore:
     def clean(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def clean_if_empty(self) -> None:
-        if not any(self.folder.glob("part-*.parquet")):
-            self.clean()
+    def clean_if_empty(self) -> bool:
+        """Remove the folder (and the parents this run made for it) if it holds no part;
+        True if it did."""
+        if any(self.folder.glob("part-*.parquet")):
+            return False
+        self.clean()
+        remove_folders([folder for folder in self._created if folder != self.folder])
+        return True
 
 
 def _mark_no_data(chunk: BatchResult) -> BatchResult:
@@ -349,7 +372,10 @@ def _from_table(table: Any, key_name: str) -> BatchResult:
 
     codes = {name: code for code, name in STATUS_NAMES.items()}
     names = [c[: -len("_stderr")] for c in table.column_names if c.endswith("_stderr")]
-    col = lambda name: torch.as_tensor(np.array(table.column(name).to_numpy()))  # noqa: E731
+
+    def col(name: str) -> torch.Tensor:
+        return torch.as_tensor(np.array(table.column(name).to_numpy()))
+
     return BatchResult(
         params=torch.stack([col(n) for n in names], dim=1),
         stderr=torch.stack([col(f"{n}_stderr") for n in names], dim=1),

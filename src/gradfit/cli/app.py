@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,10 +22,14 @@ from typer.core import TyperGroup
 
 from gradfit.errors import GradfitError
 
-try:  # typer >= 0.24 carries its own copy of click
+if TYPE_CHECKING:  # checked against the copy of click that typer >= 0.24 carries
     from typer._click import exceptions as click_errors
-except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import exceptions as click_errors  # type: ignore[no-redef]
+    from typer._click.core import Parameter
+else:
+    try:  # typer >= 0.24 carries its own copy of click
+        from typer._click import exceptions as click_errors
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        from click import exceptions as click_errors
 
 EXIT_USAGE, EXIT_FAILED = 2, 3
 
@@ -34,6 +38,13 @@ def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     """Print one ``error:`` line on stderr and return the exit to raise."""
     print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
     return typer.Exit(code)
+
+
+def os_error_line(error: OSError) -> str:
+    """An ``OSError`` that no writer turned into an ``OutputError``, in one line: the file
+    if the system named it, never "None"."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{error.filename}: {reason}" if error.filename else f"input or output failed: {reason}"
 
 
 class OneLineErrors(TyperGroup):
@@ -50,8 +61,10 @@ class OneLineErrors(TyperGroup):
         prog_name: str | None = None,
         complete_var: str | None = None,
         standalone_mode: bool = True,
+        windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
+        extra["windows_expand_args"] = windows_expand_args
         if not standalone_mode:  # the caller handles exceptions itself
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:  # not standalone: Typer raises usage errors instead of drawing them in a box
@@ -71,7 +84,8 @@ class OneLineErrors(TyperGroup):
             return super().invoke(ctx)
         except click_errors.UsageError as error:
             if error.ctx is None and ctx.invoked_subcommand:  # the parser's errors carry none
-                error.command_path = f"{ctx.command_path} {ctx.invoked_subcommand}"
+                # our own attribute, read back by show_usage_error
+                error.command_path = f"{ctx.command_path} {ctx.invoked_subcommand}"  # type: ignore[attr-defined]
             raise
 
 
@@ -100,7 +114,7 @@ def usage_message(error: Any) -> str:
     return _sentence(error.format_message())
 
 
-def _param_name(param: Any) -> str:
+def _param_name(param: Parameter) -> str:
     if param.param_type_name == "argument":
         return str(param.name).upper()  # as the docstrings name it: DATA
     return max(param.opts, key=len)  # the long spelling: --checkpoint-every
@@ -268,8 +282,8 @@ def fit_command(
                 )  # fmt: skip
         except GradfitError as error:
             raise fail(str(error)) from None
-        except OSError as error:  # e.g. --out or --checkpoint on a full or read-only disk
-            raise fail(f"cannot write {error.filename}: {error.strerror or error}") from None
+        except OSError as error:  # not an OutputError (which names the file): say what we know
+            raise fail(os_error_line(error)) from None
         except KeyboardInterrupt:  # a second signal: stopped at once, nothing written
             raise fail("interrupted twice: stopped at once; nothing written", 130) from None
     if result.n_omitted:
@@ -349,7 +363,7 @@ def fit_many_command(
         except GradfitError as error:
             raise fail(str(error)) from None
         except OSError as error:
-            raise fail(f"cannot write {error.filename}: {error.strerror or error}") from None
+            raise fail(os_error_line(error)) from None
         except KeyboardInterrupt:
             raise fail("interrupted twice: stopped at once; finished chunks kept", 130) from None
     if result is None:

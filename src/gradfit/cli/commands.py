@@ -12,7 +12,7 @@ import torch
 
 from gradfit.cli.outputs import check_output_dir, output_dir
 from gradfit.cli.parsing import parse_assignments, parse_bounds
-from gradfit.errors import OptionError
+from gradfit.errors import OptionError, OutputError
 from gradfit.fitting.fit import check_model_name, fit
 from gradfit.io.files import check_parent
 from gradfit.io.tables import prepare_data, read_table
@@ -98,10 +98,14 @@ def run_fit(
         x_values, columns[y], sigma_values, independent=the_model.independent,
         nan_policy=options.nan_policy, labels=labels, omit_hint="--nan-policy omit",
     )  # fmt: skip
-    result = fit(
-        the_model, x_values, columns[y], sigma=sigma_values, options=options, progress=True,
-        hook=hook, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-    )  # fmt: skip
+    try:
+        result = fit(
+            the_model, x_values, columns[y], sigma=sigma_values, options=options, progress=True,
+            hook=hook, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+        )  # fmt: skip
+    except OutputError as error:  # a checkpoint that could not be saved (a full disk)
+        error.option = error.option or "--checkpoint"
+        raise
     # the figures' axes carry the table's column names
     result.data["labels"] = {"x": x_columns[0] if len(x_columns) == 1 else x, "y": y}
     if out is not None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gradfit.errors import OptionError
-from gradfit.io.files import atomic_dir, check_parent
+from gradfit.io.files import atomic_dir, check_parent, writing
 
 
 def check_output_dir(path: Path, *, overwrite: bool = False) -> None:
@@ -30,5 +30,5 @@ def output_dir(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     ``--out``; with ``overwrite``, each file replaces its old version atomically.
     """
     check_output_dir(path, overwrite=overwrite)
-    with atomic_dir(path) as staging:
+    with writing(path, "--out"), atomic_dir(path) as staging:  # a full disk names the file
         yield staging

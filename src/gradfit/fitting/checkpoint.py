@@ -113,7 +113,7 @@ def digest(values: Any) -> str | None:
     if array.dtype == object:  # e.g. string keys: an object array's bytes are pointers
         hasher.update("\x00".join(map(repr, array.ravel().tolist())).encode())
     else:
-        hasher.update(memoryview(array).cast("B"))
+        hasher.update(array.data.cast("B"))  # the array's buffer (a memoryview), as bytes
     return hasher.hexdigest()[:32]  # 128 bits: ample to tell data sets apart
 
 

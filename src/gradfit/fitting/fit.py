@@ -259,6 +259,10 @@ def _result(
     theta = outcome.theta.detach()
     params = space.to_params(theta.unsqueeze(0))[0]
     free, P = space.free, len(space.names)
+    y: stats.Array  # tensors, or NumPy arrays for one fit on the CPU
+    sigma: stats.Array | None
+    y_pred: stats.Array
+    J: stats.Array
     y, sigma = problem.y, problem.loss.sigma
     cpu = y.device.type == "cpu"  # one fit's small arrays: NumPy's per-operation cost is lower
     if cpu:

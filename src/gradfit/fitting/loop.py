@@ -14,13 +14,14 @@ import math
 import torch
 
 from gradfit.optim.backward import backward
+from gradfit.optim.first_order import State
 from gradfit.optim.problem import Hook, LoopOutcome, LoopState, Problem, finish
 from gradfit.optim.status import diverged_message, small_change
 
 Tensor = torch.Tensor
 
 
-def apply_step(problem: Problem, theta: Tensor, optimizer: object, state: dict) -> Tensor:
+def apply_step(problem: Problem, theta: Tensor, optimizer: object, state: State) -> Tensor:
     """One step of the post's loop; updates ``theta`` in place and returns the loss."""
     loss = problem.objective(theta)  # forward + loss
     backward(loss)  # loss.backward(): d loss / d params, into theta.grad
@@ -46,6 +47,7 @@ def run_loop(
     # Per-step bookkeeping lives in locals (a step takes ~100 us; attribute writes add up);
     # the state is brought up to date before a hook sees it and when the loop ends.
     best_loss, best_theta = state.best_loss, state.best_theta
+    assert best_theta is not None  # LoopState fills it
     before = theta.detach().clone()  # the parameters this epoch's loss belongs to
     check_change = tol is not None and tol >= 0
     status, message = "max_iter", f"stopped after the maximum of {epochs} epochs"

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -261,7 +262,7 @@ def read_raw_table(path: Path, options: TableOptions | None = None) -> dict[str,
         raise DataError(f"{path}: cannot read as {suffix[1:]} ({message})") from None
 
 
-def _check_text(path: Path) -> None:
+def _check_text(path: Path, options: TableOptions) -> None:
     """Refuse binary content early: CSV parsers happily read it as one odd column."""
     with open(path, "rb") as handle:
         head = handle.read(SNIFF_BYTES)
@@ -270,12 +271,41 @@ def _check_text(path: Path) -> None:
     except UnicodeDecodeError as error:
         if error.start < len(head) - 4:  # not merely a character cut at the end of the sample
             raise DataError(f"{path}: not a text file (binary or non-UTF-8 content)") from None
-    if b"\0" in head:
-        raise DataError(f"{path}: not a text file (binary content)")
+    at = head.find(b"\0")
+    if at >= 0:
+        raise DataError(
+            f"{path}: {_place_of(path, head, at, options)} holds a NUL byte: not a text file, "
+            "or a damaged one"
+        )
+
+
+def _place_of(path: Path, head: bytes, at: int, options: TableOptions) -> str:
+    """Where byte ``at`` of a text table is: ``line 3, column 'y'`` (the column when the
+    lines before it say how the file is split), else ``line 3``."""
+    before = head[:at].decode("utf-8-sig", errors="replace").split("\n")
+    place, prefix = f"line {len(before)}", before[-1].rstrip("\r")
+    rows = [row for row in before[:-1] if row.strip() and not row.lstrip().startswith("#")]
+    if not rows:
+        return place
+    try:
+        tab = path.suffix.lower() in (".tsv", ".tab")
+        delimiter = options.delimiter or ("\t" if tab else _sniff_delimiter(path, rows))
+    except DataError:
+        return place
+    first = [name.strip() for name in _split(rows[0], delimiter)]
+    header = options.header if options.header is not None else not _is_numeric_row(first)
+    fields = _split(prefix, delimiter)
+    if delimiter == WHITESPACE:  # "3 " has begun its second field, "3" is in its first
+        index = len(fields) - (1 if prefix and not prefix[-1].isspace() else 0)
+    else:
+        index = max(len(fields) - 1, 0)
+    if index >= len(first):
+        return place
+    return f"{place}, column {first[index] if header else f'c{index}'!r}"
 
 
 def _read_text(path: Path, options: TableOptions) -> dict[str, np.ndarray]:
-    _check_text(path)
+    _check_text(path, options)
     skip, lines = _sample_lines(path)
     if not lines:
         raise DataError(f"{path}: the file has no data rows")
@@ -364,23 +394,77 @@ def _read_delimited(
     import pyarrow.csv as pa_csv
 
     names = None if header else [f"c{i}" for i in range(width)]
+    ragged: list[Any] = []
+
+    def keep_first(row: Any) -> str:  # the row the error is about, to name its line
+        ragged.append(row)
+        return "error"
+
     try:
         table = pa_csv.read_csv(
             path,
             read_options=pa_csv.ReadOptions(skip_rows=skip, column_names=names),
-            parse_options=pa_csv.ParseOptions(delimiter=delimiter),
+            parse_options=pa_csv.ParseOptions(delimiter=delimiter, invalid_row_handler=keep_first),
             convert_options=pa_csv.ConvertOptions(auto_dict_encode=False),
         )
     except pa.ArrowInvalid as error:  # e.g. a row with more fields than the first
-        message = str(error).splitlines()[0]
-        raise DataError(
-            f"{path}: cannot read as separated by {_shown(delimiter)} ({message}); "
-            "if the separator is another, give --delimiter"
-        ) from None
+        raise DataError(_ragged_message(path, delimiter, header, ragged, error)) from None
     if table.num_rows == 0:
         raise DataError(f"{path}: the file has no data rows")
     table = table.rename_columns([name.strip() for name in table.column_names])
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _ragged_message(
+    path: Path, delimiter: str, header: bool, ragged: list[Any], error: Exception
+) -> str:
+    """A row with too many or too few fields: a file cut off mid-row (its last line short,
+    with no newline) says so and names the missing column; another names its line."""
+    if not ragged:
+        message = str(error).splitlines()[0]
+        return (
+            f"{path}: cannot read as separated by {_shown(delimiter)} ({message}); "
+            "if the separator is another, give --delimiter"
+        )
+    expected, actual, text = ragged[0].expected_columns, ragged[0].actual_columns, ragged[0].text
+    lines, last = _count_lines(path)
+    fields = _split(last, delimiter) if last is not None else []
+    if last is not None and len(fields) < expected:
+        _, sample = _sample_lines(path)
+        first = [name.strip() for name in _split(sample[0], delimiter)]
+        names = first if header else [f"c{i}" for i in range(len(first))]
+        missing = names[len(fields)] if len(fields) < len(names) else f"c{len(fields)}"
+        return (
+            f"{path}: the file ends mid-row: line {lines} has {len(fields)} of {expected} "
+            f"fields ({last!r}), no value for column {missing!r}; was it cut off?"
+        )
+    number = _line_number(path, text)
+    where = f"line {number}" if number is not None else "a row"
+    return (
+        f"{path}: cannot read as separated by {_shown(delimiter)}: {where} has {actual} "
+        f"fields, not {expected} ({text!r}); if the separator is another, give --delimiter"
+    )
+
+
+def _count_lines(path: Path) -> tuple[int, str | None]:
+    """(the number of lines, the last line if the file does not end with a newline)."""
+    count, tail = 0, b""
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            count += block.count(b"\n")
+            tail = (tail + block)[-SNIFF_BYTES:]
+    if tail.endswith(b"\n"):
+        return count, None
+    return count + 1, tail.rsplit(b"\n", 1)[-1].decode("utf-8", errors="replace").rstrip("\r")
+
+
+def _line_number(path: Path, text: str) -> int | None:
+    """The number of the first line that reads ``text``."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.rstrip("\r\n") == text:
+                return number
+    return None
 
 
 def _read_whitespace(path: Path, skip: int, header: bool) -> dict[str, np.ndarray]:
@@ -424,10 +508,37 @@ def _check_not_one_column(
 def _read_parquet(path: Path) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for bad files
+        raise DataError(_parquet_damage(path, error)) from None
     if table.num_rows == 0:
         raise DataError(f"{path}: the file has no data rows")
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _parquet_damage(path: Path, error: Exception) -> str:
+    """What is wrong with a Parquet file pyarrow cannot read: no footer (cut off, or not
+    Parquet), or the first column whose data cannot be read."""
+    import pyarrow.parquet as pq
+
+    message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if "magic bytes not found" in message:
+        return (
+            f"{path}: cannot read as parquet: no Parquet footer at its end (the file is "
+            "cut off, or not Parquet)"
+        )
+    with contextlib.suppress(Exception):  # a damaged footer: no column to name
+        for name in pq.read_schema(path).names:
+            try:
+                pq.read_table(path, columns=[name])
+            except Exception as column_error:
+                detail = (str(column_error).strip().splitlines() or [message])[0]
+                return (
+                    f"{path}: cannot read as parquet: column {name!r} is damaged ({detail}); "
+                    "the file may be cut off or corrupted"
+                )
+    return f"{path}: cannot read as parquet ({message})"
 
 
 def _read_numpy(path: Path) -> dict[str, np.ndarray]:
@@ -446,6 +557,11 @@ def to_float(values: np.ndarray, what: str) -> np.ndarray:
         return values.astype(np.float64)
     if values.dtype.kind == "b":
         raise DataError(f"{what}: booleans are not numbers")
+    if values.dtype.kind in "mM":  # their float values would be counts of some unit
+        raise DataError(
+            f"{what}: dates and times are not numbers; convert them, e.g. to seconds since "
+            "the first"
+        )
     with contextlib.suppress(ValueError, TypeError):  # text of numbers: convert in C
         return values.astype(np.float64)
     out = np.empty(len(values), dtype=np.float64)
@@ -456,6 +572,16 @@ def to_float(values: np.ndarray, what: str) -> np.ndarray:
         try:
             out[row] = float(value)
         except (TypeError, ValueError):
-            shown = repr(str(value)) if isinstance(value, str) else repr(value)  # not np.str_(...)
-            raise DataError(f"{what}: row {row} is not a number ({shown})") from None
+            raise DataError(f"{what}: row {row} is not a number ({_cell(value)})") from None
     return out
+
+
+def _cell(value: object) -> str:
+    """A cell that is not a number, as a message shows it: ``'v0'``, ``a list [1.0, 2.0]``."""
+    if isinstance(value, str):
+        return repr(str(value))  # not np.str_('v0')
+    if isinstance(value, np.ndarray | list | tuple):
+        return f"a list {np.asarray(value, dtype=object).tolist()!r}"
+    if isinstance(value, dict):
+        return f"a record {value!r}"
+    return repr(value)

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -42,7 +43,12 @@ OPERATORS: dict[str, Callable[[Value, Value], Value]] = {
     "**": operator.pow,
 }
 _AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
-_OTHER_OPS = {ast.Mod: "%", ast.FloorDiv: "//", ast.MatMult: "@", ast.LShift: "<<"}
+_OTHER_OPS: dict[type[ast.AST], str] = {
+    ast.Mod: "%",
+    ast.FloorDiv: "//",
+    ast.MatMult: "@",
+    ast.LShift: "<<",
+}
 _OTHER_OPS |= {ast.RShift: ">>", ast.BitOr: "|", ast.BitXor: "^", ast.BitAnd: "&"}
 _OTHER_OPS |= {ast.Not: "not", ast.Invert: "~"}
 _DESCRIPTIONS = {
@@ -317,7 +323,8 @@ def _fold(op: str, a: float, b: float, strict: bool) -> float | None:
     """``a op b`` in float64, or None when the result is not a finite number."""
     try:
         # math.pow, never int pow: 9**9**9**9 must fail fast instead of building a huge int.
-        value = math.pow(a, b) if op == "**" else OPERATORS[op](a, b)
+        # two floats in, a float out (OPERATORS also take tensors)
+        value = math.pow(a, b) if op == "**" else cast(float, OPERATORS[op](a, b))
     except OverflowError:
         if strict:
             raise ExpressionError(

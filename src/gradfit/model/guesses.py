@@ -76,7 +76,7 @@ def _lstsq(columns: list[Tensor], y: Tensor, mask: Tensor | None = None) -> Tens
     if mask is not None:
         A, b = torch.where(mask.unsqueeze(-1), A, 0.0), torch.where(mask, b, 0.0)
     At = A.transpose(-1, -2)
-    solution = torch.linalg.lstsq(At @ A, (At @ b.unsqueeze(-1))).solution
+    solution: Tensor = torch.linalg.lstsq(At @ A, (At @ b.unsqueeze(-1))).solution
     return solution.squeeze(-1).to(y.dtype)
 
 
@@ -199,6 +199,6 @@ def _strongest_frequency(centred: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _spectrum_peak(centred: Tensor) -> Tensor:
-    spectrum = torch.fft.rfft(centred, dim=-1).abs()
+    spectrum: Tensor = torch.fft.rfft(centred, dim=-1).abs()
     spectrum[..., 0] = 0
     return spectrum.argmax(-1).clamp_min(1)

@@ -65,6 +65,9 @@ class Model:
         Model('decay(t, a, k, c)', params=['a', 'k', 'c'])
     """
 
+    #: a built-in's one-line description (set by ``_builtin``)
+    description: str | None = None
+
     def __init__(
         self,
         spec: str | Callable[..., Tensor] | nn.Module,
@@ -174,6 +177,7 @@ class Model:
 
     def _shape(self, x: Variables, params: Tensor) -> tuple[int, ...]:
         # plain tuple arithmetic: torch.broadcast_shapes costs tens of microseconds per call
+        shapes: list[tuple[int, ...]]
         shapes = [v.shape for v in x.values()] if isinstance(x, Mapping) else [x.shape]
         shapes.append((*params.shape[:-1], 1))
         ndim = max(len(s) for s in shapes)
@@ -234,7 +238,9 @@ class Model:
             tensors[name] = params[start : start + size].reshape(shape)
             start += size
         column = x.dim() == 1  # curves are y(x): give the module a feature column
-        out = torch.func.functional_call(self.module, tensors, (x.unsqueeze(-1) if column else x,))
+        out: Tensor = torch.func.functional_call(
+            self.module, tensors, (x.unsqueeze(-1) if column else x,)
+        )
         return out.squeeze(-1) if column and out.dim() == 2 and out.shape[-1] == 1 else out
 
     # -- starting values --------------------------------------------------------------------

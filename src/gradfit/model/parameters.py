@@ -130,8 +130,8 @@ class ParameterSpace:
             return theta
         columns, free = [], iter(range(theta.shape[-1]))
         for i in range(len(self.names)):
-            if self.fixed[i] is not None:
-                columns.append(torch.full_like(theta[..., 0], self.fixed[i]))
+            if (value := self.fixed[i]) is not None:
+                columns.append(torch.full_like(theta[..., 0], value))
                 continue
             t, lo, hi = theta[..., next(free)], self.lower[i], self.upper[i]
             if lo is not None and hi is not None:

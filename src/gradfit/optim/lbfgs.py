@@ -29,6 +29,7 @@ def run_lbfgs(
     """``torch.optim.LBFGS`` with a strong-Wolfe line search; one epoch is one ``step``."""
     state = start if isinstance(start, LoopState) else LoopState(start)
     theta, history = state.theta, state.history
+    assert state.best_theta is not None  # LoopState fills it
     optimizer = torch.optim.LBFGS(
         [theta], lr=lr, max_iter=20, line_search_fn="strong_wolfe",
         tolerance_grad=1e-12, tolerance_change=1e-15, history_size=20,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from types import ModuleType
-from typing import Any
+from typing import TypedDict, TypeVar
 
 import torch
 
@@ -13,6 +13,7 @@ from gradfit.optim.dispatch import lm_kernel, one_variable, stop_only
 from gradfit.optim.lm import (
     DEFAULT_FTOL,
     DEFAULT_MAX_ITER,
+    Jacobian,
     LMStatus,
     Residuals,
     Stacked,
@@ -24,6 +25,22 @@ from gradfit.optim.lm import (
 from gradfit.optim.problem import Hook, LoopOutcome, LoopState, Problem
 
 Tensor = torch.Tensor
+#: a per-curve tensor, or one that may be absent (sigma, mask)
+_Rows = TypeVar("_Rows", Tensor, Tensor | None)
+
+
+class _Evaluation(TypedDict, total=False):
+    """How the PyTorch kernel gets Jacobians: symbolic ``stacked`` rows or ``jacobian``."""
+
+    jacobian: Jacobian
+    stacked: Stacked
+
+
+class _Options(TypedDict, total=False):
+    """The kernels' options ``run_lm`` sets (``ftol`` only when a tol is given)."""
+
+    ftol: float
+    max_iter: int
 
 
 def residual_functions(
@@ -59,7 +76,7 @@ def residual_functions(
 def residual_subset(problem: Problem, mask: Tensor | None) -> Subset:
     """For the kernel's ``subset``: the residual functions and mask of some curves alone."""
 
-    def rows_of(value: Tensor | None, index: Tensor) -> Tensor | None:
+    def rows_of(value: _Rows, index: Tensor) -> _Rows:
         # per-curve values are [K, N]; a shared x ([N]) or sigma serves every subset as it is
         return value[index] if value is not None and value.dim() == 2 else value
 
@@ -97,7 +114,7 @@ def run_lm(
     robust = None if loss.name in ("mse", "sse", "chi2") else loss.rho
     # the kernel's cost is 0.5 Σ f_scale² rho (f_scale² included); the loss is its mean or sum
     to_loss = 2.0 if loss.reduction == "sum" else 2.0 / problem.y.shape[-1]
-    options: dict[str, float | int] = {} if tol is None else {"ftol": tol}
+    options: _Options = {} if tol is None else {"ftol": tol}
     options["max_iter"] = max(0, (max_iter or DEFAULT_MAX_ITER) - state.epoch)
     theta0 = state.theta.detach().unsqueeze(0)
     # dispatch.lm_kernel decides, for fit_batch too: a hook that needs every iteration takes
@@ -123,7 +140,7 @@ def run_lm(
 
     # symbolic rows go in as ``stacked`` (the kernel then runs without autograd), autodiff
     # Jacobians as ``jacobian``
-    evaluation: dict[str, Callable[[Tensor], Any]] = {}
+    evaluation: _Evaluation = {}
     if stacked is not None:
         symbolic = stacked
 
@@ -207,7 +224,7 @@ def _run_compiled(
     state: LoopState,
     theta0: Tensor,
     to_loss: float,
-    options: dict[str, Any],
+    options: _Options,
     hook: Hook | None,
 ) -> LoopOutcome:
     """``run_lm`` on the compiled kernel (same algorithm). It runs every iteration without

@@ -40,7 +40,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 
@@ -184,7 +184,7 @@ class _Point:
         if self.weight is None:
             return _diag(self.hess)
         jt = self.jac_rows
-        return torch.linalg.vecdot(jt, jt)
+        return cast(Tensor, torch.linalg.vecdot(jt, jt))
 
     @property
     def res(self) -> Tensor:  # (K, N) un-robustified residuals
@@ -298,8 +298,8 @@ def _stationary(st: _State, tol_f: float) -> Tensor:
     damping, tol = stationary_tolerances(eps)
     L, info = torch.linalg.cholesky_ex(pt.hess + torch.diag_embed(damping * st.scale))
     w = torch.cholesky_solve(pt.grad.unsqueeze(-1), L).squeeze(-1)
-    flat = (info == 0) & (torch.linalg.vecdot(pt.grad, w) <= max(tol_f, tol) * pt.cost2)
-    dx2 = torch.linalg.vecdot(st.scale * st.theta, st.theta)
+    flat: Tensor = (info == 0) & (torch.linalg.vecdot(pt.grad, w) <= max(tol_f, tol) * pt.cost2)
+    dx2: Tensor = torch.linalg.vecdot(st.scale * st.theta, st.theta)
     exact = (pt.cost2 <= eps * st.cost2_start) | (pt.cost2 <= (_COST_NOISE * eps) ** 2 * dx2)
     return flat | exact
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -88,10 +88,10 @@ class BatchResult:
 
     @property
     def status_names(self) -> list[str]:
-        return self._status_array().tolist()
+        return cast(list[str], self._status_array().tolist())
 
     def _status_array(self) -> np.ndarray:
-        return _NAMES[self.status.cpu().numpy()]
+        return cast(np.ndarray, _NAMES[self.status.cpu().numpy()])
 
     @property
     def messages(self) -> list[str]:
@@ -264,7 +264,10 @@ class BatchResult:
 def concat(results: list[BatchResult]) -> BatchResult:
     """Join chunk results in order."""
     first = results[0]
-    cat = lambda name: torch.cat([getattr(r, name) for r in results])  # noqa: E731
+
+    def cat(name: str) -> Tensor:
+        return torch.cat([getattr(r, name) for r in results])
+
     keys = None
     if first.keys is not None:
         keys = np.concatenate([np.asarray(r.keys) for r in results])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +15,9 @@ from gradfit.io.files import write_text_atomic
 from gradfit.results import stats
 from gradfit.results.diagnosis import diagnose
 from gradfit.results.jacobian import prediction_and_jacobian
+
+if TYPE_CHECKING:
+    from gradfit.model.models import Model
 
 Tensor = torch.Tensor
 
@@ -49,7 +53,7 @@ class FitResult:
     message: str
     optimizer: str
     loss_name: str
-    model: Any
+    model: Model
     n_points: int
     dof: int
     chi2: float
@@ -69,13 +73,13 @@ class FitResult:
     def build(
         cls,
         *,
-        model: Any,
+        model: Model,
         problem: Any,
         params: Tensor,
         covariance: Tensor,
         outcome: Any,
         optimizer: str,
-        statistics: dict[str, Tensor],
+        statistics: Mapping[str, stats.Array],
         n_omitted: int,
         absolute_sigma: bool,
         start: Tensor | None = None,

@@ -11,7 +11,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 import torch
@@ -20,6 +20,8 @@ Tensor = torch.Tensor
 
 
 Array = Tensor | np.ndarray  # NumPy for one small fit on the CPU: a tenth of torch's per-op cost
+#: an array of either kind, the same kind out as in
+ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
 
 
 def _xp(a: Array) -> Any:
@@ -35,11 +37,15 @@ def _at_least(a: Array, low: float) -> Array:
     return a.clamp_min(low) if isinstance(a, Tensor) else np.maximum(a, low)
 
 
-def _quiet(fn: Callable[..., Any]) -> Callable[..., Any]:
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _quiet(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """NumPy warns where torch silently gives inf or NaN (inf * 0, 1 / 0): same results."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         with np.errstate(all="ignore"):
             return fn(*args, **kwargs)
 
@@ -156,14 +162,14 @@ def _as_list(a: Array) -> list[Any]:
     return a.tolist()
 
 
-def estimable_variance(variance: Array, normal_diagonal: Array) -> Array:
+def estimable_variance(variance: ArrayT, normal_diagonal: ArrayT) -> ArrayT:
     """``fit_batch``: NaN where ``variance`` (diagonal of ``(JᵀJ)⁻¹`` ``[..., P]``) inflates a
     parameter beyond ``1/tau²`` (``variance · (JᵀJ)_ii``, the column-scaled diagonal), i.e.
     where the normal matrix is numerically singular in that parameter's direction."""
     xp = _xp(variance)
     inflation = variance * normal_diagonal
     ok = (variance > 0) & (inflation <= max_variance_inflation(variance.dtype))
-    return xp.where(ok, variance, xp.nan)
+    return cast(ArrayT, xp.where(ok, variance, xp.nan))
 
 
 @_quiet
@@ -198,7 +204,7 @@ def correlation(cov: Array) -> Array:
     sd = stderr_from(cov)
     outer = sd[..., :, None] * sd[..., None, :]
     finite = xp.isfinite(outer) & (outer > 0)
-    return xp.where(finite, cov / xp.where(finite, outer, 1.0), xp.nan)
+    return cast(Array, xp.where(finite, cov / xp.where(finite, outer, 1.0), xp.nan))
 
 
 @_quiet

@@ -152,10 +152,10 @@ def _single_x(x_data: Any, model: Any) -> tuple[str, np.ndarray, Callable[[np.nd
 
 
 def _column(values: Any) -> np.ndarray:
-    values = _np(values)
-    if values.ndim == 1 or (values.ndim == 2 and values.shape[1] == 1):
-        return values.reshape(-1)
-    raise ValueError(f"x has shape {values.shape}, not one column")
+    array = _np(values)
+    if array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1):
+        return array.reshape(-1)
+    raise ValueError(f"x has shape {array.shape}, not one column")
 
 
 def _band_available(result: FitResult) -> bool:

@@ -110,7 +110,7 @@ def fit_curves(
     (NaN once a curve stopped).
     """
     codes = _codes(problem.model)
-    assert codes is not None, "check supports() first"
+    assert codes is not None and isinstance(problem.x, torch.Tensor), "check supports() first"
     value, full = codes
     N = problem.y.shape[-1]
     y = _array(problem.y).reshape(-1, N)
@@ -131,7 +131,7 @@ def fit_curves(
     rows_a = np.zeros((K if rows else 0, F + 1, N))
     costs = np.full((K, max_iter) if history else (0, 0), math.nan)
     loss = problem.loss
-    robust = (_ROBUST.get(loss.rho, PLAIN), float(loss.f_scale))  # type: ignore[arg-type]
+    robust = (_ROBUST.get(loss.rho, PLAIN), float(loss.f_scale))
     n_eval = kernel.fit_curves(
         value.arrays, full.arrays, (x, y, sigma_a, mask_a), space, robust, tols, max_iter,
         geodesic,

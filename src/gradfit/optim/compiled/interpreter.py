@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Literal, TypedDict
 
 import numba
 import numpy as np
@@ -89,15 +90,15 @@ def encode(program: Program, independent: str, params: tuple[str, ...]) -> Code 
         elif kind == VAR_STEP and arg == independent:
             op[s], rate[s] = X, PER_CURVE
         elif kind == VAR_STEP and arg in params:
-            op[s], a[s], uses_params[s] = PARAM, params.index(arg), True  # type: ignore[arg-type]
+            op[s], a[s], uses_params[s] = PARAM, params.index(arg), True
         elif kind == VAR_STEP:
             return None  # another independent variable or a constant name
         elif kind == POW_NUM_STEP:
             op[s], c[s] = POW_NUM, float(arg)  # type: ignore[arg-type]
         elif kind == BIN_STEP and arg in BINARY:
-            op[s] = BINARY[arg]  # type: ignore[index]
+            op[s] = BINARY[arg]
         elif kind == CALL_STEP and arg in FUNCTIONS:
-            op[s] = FUNCTIONS[arg]  # type: ignore[index]
+            op[s] = FUNCTIONS[arg]
         else:  # an operator or function the interpreter does not implement
             return None
         if kind in (POW_NUM_STEP, BIN_STEP, CALL_STEP):
@@ -109,9 +110,24 @@ def encode(program: Program, independent: str, params: tuple[str, ...]) -> Code 
     return Code(op, a, b, c, rate, np.asarray(program.outputs, dtype=np.int64))
 
 
+class JitOptions(TypedDict):
+    """The keywords every ``numba.njit`` of the kernel takes (typed, so that njit's overloads
+    match and the compiled functions keep their signatures for the type checker)."""
+
+    cache: bool
+    nogil: bool
+    error_model: Literal["numpy"]
+    fastmath: set[str]
+
+
 # cached on disk; no GIL (fit_batch runs chunks in threads); x/0 gives inf, as in torch;
 # reassociation and FMA let LLVM vectorise the sums (not nnan/ninf: NaN and inf keep meaning)
-JIT = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": {"reassoc", "contract"}}
+JIT: JitOptions = {
+    "cache": True,
+    "nogil": True,
+    "error_model": "numpy",
+    "fastmath": {"reassoc", "contract"},
+}
 
 
 @numba.njit(**JIT)
@@ -137,7 +153,7 @@ def _unary(op: int, u: float, c: float) -> float:
         if c == 0.5 or c == -0.5:  # torch takes sqrt and rsqrt here (-inf: NaN; -0.0: -0.0)
             root = math.sqrt(u) if u >= 0 else math.nan
             return root if c > 0 else 1.0 / root
-        return u**c
+        return u**c  # type: ignore[no-any-return]  # typeshed: float ** float may be complex
     if op == EXP:
         return math.exp(u)
     if op == LOG:
@@ -183,7 +199,7 @@ def _binary(op: int, u: float, v: float) -> float:
         return u - v
     if op == DIV:
         return u / v
-    return u**v
+    return u**v  # type: ignore[no-any-return]  # typeshed: float ** float may be complex
 
 
 @numba.njit(**JIT)
