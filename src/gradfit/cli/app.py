@@ -140,6 +140,22 @@ console = Console()
 
 Out = Annotated[Path | None, typer.Option("--out", help="Folder for results and plots.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace files in an existing --out.")]
+# the options fit and fit-many share, declared once (FitOptions validates them)
+ModelText = Annotated[str, typer.Option("--model", help="Expression or built-in name.")]
+Sigma = Annotated[str | None, typer.Option("--sigma", help="Column of y's standard deviations.")]
+P0 = Annotated[str | None, typer.Option("--p0", help="Starting values: a=1,b=2.")]
+Bounds = Annotated[str | None, typer.Option("--bounds", help="Bounds: k=0:inf,a=-1:1.")]
+Fix = Annotated[str | None, typer.Option("--fix", help="Fixed values: c=0.")]
+LossName = Annotated[str, typer.Option(help="mse sse chi2 mae huber soft_l1 cauchy arctan.")]
+FScale = Annotated[float, typer.Option("--f-scale", help="Robust loss scale.")]
+Optimizer = Annotated[
+    str, typer.Option(help="auto lm gd sgd adam lbfgs (auto: lm for least squares).")
+]
+Lr = Annotated[float | None, typer.Option(help="Learning rate (gd, sgd, adam, lbfgs).")]
+Epochs = Annotated[int | None, typer.Option(help="Epoch (LM: iteration) limit.")]
+Tol = Annotated[float | None, typer.Option(help="LM: ftol; else stop when the loss changes less.")]
+NanPolicy = Annotated[str, typer.Option("--nan-policy", help="raise or omit.")]
+AbsoluteSigma = Annotated[bool, typer.Option("--absolute-sigma")]
 Delimiter = Annotated[
     str | None,
     typer.Option(
@@ -216,28 +232,24 @@ def fit_command(
     data: Annotated[
         Path, typer.Argument(help="CSV, TSV, whitespace-separated text, Parquet or NumPy file.")
     ],
-    model: Annotated[str, typer.Option("--model", help="Expression or built-in name.")],
+    model: ModelText,
     x: Annotated[str, typer.Option("--x", help="x column (several: x1,x2).")] = "x",
     y: Annotated[str, typer.Option("--y", help="y column.")] = "y",
     delimiter: Delimiter = None,
     header: Header = None,
-    sigma: Annotated[
-        str | None, typer.Option("--sigma", help="Column of y's standard deviations.")
-    ] = None,
-    p0: Annotated[str | None, typer.Option("--p0", help="Starting values: a=1,b=2.")] = None,
-    bounds: Annotated[str | None, typer.Option("--bounds", help="Bounds: k=0:inf,a=-1:1.")] = None,
-    fix: Annotated[str | None, typer.Option("--fix", help="Fixed values: c=0.")] = None,
-    loss: Annotated[
-        str, typer.Option(help="mse sse chi2 mae huber soft_l1 cauchy arctan.")
-    ] = "mse",
-    f_scale: Annotated[float, typer.Option("--f-scale", help="Robust loss scale.")] = 1.0,
-    optimizer: Annotated[str, typer.Option(help="auto lm gd sgd adam lbfgs.")] = "auto",
-    lr: Annotated[float | None, typer.Option(help="Learning rate (gd, sgd, adam, lbfgs).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epoch (LM: iteration) limit.")] = None,
-    tol: Annotated[float | None, typer.Option(help="Stop when the loss changes less.")] = None,
+    sigma: Sigma = None,
+    p0: P0 = None,
+    bounds: Bounds = None,
+    fix: Fix = None,
+    loss: LossName = "mse",
+    f_scale: FScale = 1.0,
+    optimizer: Optimizer = "auto",
+    lr: Lr = None,
+    epochs: Epochs = None,
+    tol: Tol = None,
     seed: int | None = None,
-    nan_policy: Annotated[str, typer.Option("--nan-policy", help="raise or omit.")] = "raise",
-    absolute_sigma: Annotated[bool, typer.Option("--absolute-sigma")] = False,
+    nan_policy: NanPolicy = "raise",
+    absolute_sigma: AbsoluteSigma = False,
     out: Out = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results JSON on stdout.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Also write report.html.")] = False,
@@ -310,32 +322,28 @@ def fit_many_command(
     data: Annotated[
         Path, typer.Argument(help="Long-form CSV/TSV/text/Parquet, or wide .npz (x, y).")
     ],
-    model: Annotated[str, typer.Option("--model", help="Expression or built-in name.")],
+    model: ModelText,
     out: Annotated[Path, typer.Option("--out", help="Results: one row per group (.parquet/.csv).")],
     group: Annotated[str | None, typer.Option("--group", help="Group key column.")] = None,
     x: Annotated[str, typer.Option("--x", help="x column.")] = "x",
     y: Annotated[str, typer.Option("--y", help="y column.")] = "y",
     delimiter: Delimiter = None,
     header: Header = None,
-    sigma: Annotated[str | None, typer.Option("--sigma", help="Column of y's std devs.")] = None,
-    p0: Annotated[str | None, typer.Option("--p0", help="Starting values: a=1,b=2.")] = None,
-    bounds: Annotated[str | None, typer.Option("--bounds", help="Bounds: k=0:inf.")] = None,
-    fix: Annotated[str | None, typer.Option("--fix", help="Fixed values: c=0.")] = None,
-    loss: Annotated[
-        str, typer.Option(help="mse sse chi2 mae huber soft_l1 cauchy arctan.")
-    ] = "mse",
-    f_scale: Annotated[float, typer.Option("--f-scale", help="Robust loss scale.")] = 1.0,
-    optimizer: Annotated[str, typer.Option(help="lm (default), gd, sgd, adam or auto.")] = "lm",
-    lr: Annotated[float | None, typer.Option(help="Learning rate of gd, sgd, adam.")] = None,
-    epochs: Annotated[
-        int | None, typer.Option(help="Iteration (lm) or epoch limit per curve.")
-    ] = None,
-    tol: Annotated[float | None, typer.Option(help="lm: ftol; else a loss-change stop.")] = None,
+    sigma: Sigma = None,
+    p0: P0 = None,
+    bounds: Bounds = None,
+    fix: Fix = None,
+    loss: LossName = "mse",
+    f_scale: FScale = 1.0,
+    optimizer: Optimizer = "auto",
+    lr: Lr = None,
+    epochs: Epochs = None,
+    tol: Tol = None,
     dtype: Annotated[str, typer.Option(help="float64 or float32.")] = "float64",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... Default: cpu.")] = None,
     chunk_size: Annotated[int | None, typer.Option(min=1, help="Curves per chunk.")] = None,
-    nan_policy: Annotated[str, typer.Option("--nan-policy", help="raise or omit.")] = "raise",
-    absolute_sigma: Annotated[bool, typer.Option("--absolute-sigma")] = False,
+    nan_policy: NanPolicy = "raise",
+    absolute_sigma: AbsoluteSigma = False,
     resume: Annotated[bool, typer.Option("--resume", help="Skip chunks already written.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
