@@ -6,12 +6,16 @@ Example:
     >>> result = gf.fit("a*x**2 + b*x + c", x, y)
     >>> sorted(result.params)
     ['a', 'b', 'c']
+
+The public names load on first use (PEP 562), so ``import gradfit`` (and the CLI's help and
+model list) do not load torch; ``from gradfit import fit`` and ``gf.fit`` work as ever.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from gradfit import datasets
-from gradfit.batch.fit_batch import fit_batch
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from gradfit.errors import (
     CheckpointError,
     DataError,
@@ -21,17 +25,31 @@ from gradfit.errors import (
     OptionError,
     OutputError,
 )
-from gradfit.fitting.fit import fit
-from gradfit.model import losses, models
-from gradfit.model.models import Model
-from gradfit.options import FitOptions
-from gradfit.results.batch_result import BatchResult
-from gradfit.results.fit_result import FitResult
 
-try:
-    __version__ = version("gradfit")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0+unknown"
+if TYPE_CHECKING:
+    from gradfit import datasets
+    from gradfit.batch.fit_batch import fit_batch
+    from gradfit.fitting.fit import fit
+    from gradfit.model import losses, models
+    from gradfit.model.models import Model
+    from gradfit.options import FitOptions
+    from gradfit.results.batch_result import BatchResult
+    from gradfit.results.fit_result import FitResult
+
+    __version__: str
+
+#: public name -> (module, attribute in it; None: the module itself), imported when first used
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "BatchResult": ("gradfit.results.batch_result", "BatchResult"),
+    "FitOptions": ("gradfit.options", "FitOptions"),
+    "FitResult": ("gradfit.results.fit_result", "FitResult"),
+    "Model": ("gradfit.model.models", "Model"),
+    "datasets": ("gradfit.datasets", None),
+    "fit": ("gradfit.fitting.fit", "fit"),
+    "fit_batch": ("gradfit.batch.fit_batch", "fit_batch"),
+    "losses": ("gradfit.model.losses", None),
+    "models": ("gradfit.model.models", None),
+}
 
 __all__ = [
     "BatchResult",
@@ -52,3 +70,30 @@ __all__ = [
     "losses",
     "models",
 ]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gradfit")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use and keep it (PEP 562)."""
+    if name == "__version__":
+        value: Any = _version()
+    elif name in _LAZY:
+        module_name, attribute = _LAZY[name]
+        module = importlib.import_module(module_name)
+        value = module if attribute is None else getattr(module, attribute)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

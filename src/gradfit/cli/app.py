@@ -385,7 +385,7 @@ def fit_many_command(
 @app.command()
 def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the built-in models with their formulas and parameters."""
-    from gradfit.model.models import describe_builtins
+    from gradfit.model.catalog import describe_builtins  # no torch: answers at once
 
     rows = describe_builtins()
     if as_json:

@@ -16,6 +16,7 @@ from gradfit.errors import OptionError, OutputError
 from gradfit.fitting.fit import check_model_name, fit
 from gradfit.io.files import check_parent
 from gradfit.io.tables import prepare_data, read_table
+from gradfit.model.composite import parse_composite
 from gradfit.model.models import Model, get_builtin
 from gradfit.optim.problem import Hook
 from gradfit.optim.status import FAILED
@@ -25,12 +26,18 @@ from gradfit.results.fit_result import FitResult
 
 
 def build_model(text: str, x_columns: list[str]) -> tuple[Model, bool]:
-    """A built-in (x is positional) or an expression whose variables are the x columns."""
+    """A built-in (x is positional), a composite (``model/composite.py:parse_composite``) or an
+    expression whose variables are the x columns."""
     builtin = get_builtin(text)
     if builtin is not None:
         if len(x_columns) != 1:
             raise OptionError(f"built-in model {text!r} takes one x column, got {x_columns}")
         return builtin, False
+    composite = parse_composite(text, x_columns[0])  # "gaussian(prefix=p1_) + linear"
+    if composite is not None:
+        if len(x_columns) != 1:
+            raise OptionError(f"composite model {text!r} takes one x column, got {x_columns}")
+        return composite, composite.independent == tuple(x_columns)
     check_model_name(text, x_columns)
     return Model(text, independent=x_columns), True
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradfit.errors import ModelError, OptionError
+from gradfit.errors import ModelError
+from gradfit.model import catalog
 from gradfit.model import guesses as _guesses
 from gradfit.model.expr import Expression, parse_expression
 from gradfit.model.program import Program
@@ -41,6 +41,12 @@ class Model:
         params: parameter names of a function ``f(x, params)`` (required there), in the order
             ``f`` unpacks them; for an expression, the order of the parameter vector.
         independent: name(s) of the independent variable(s) in an expression.
+        prefix: put in front of every parameter name (lmfit's convention), for an expression
+            or a built-in: ``Model("gaussian", prefix="p1_")`` has ``p1_amplitude, ...``.
+
+    Models combine with ``+ - * /`` into one expression model (``gradfit.model.composite``):
+    ``Model("gaussian", prefix="p1_") + Model("linear")``. A parameter name in both operands
+    is one shared parameter; a composite has no built-in guess (start it with ``p0``).
 
     Which form a function is in, read from its signature:
 
@@ -74,6 +80,7 @@ class Model:
         *,
         params: Sequence[str] | None = None,
         independent: str | Sequence[str] = "x",
+        prefix: str = "",
     ) -> None:
         self.independent = (independent,) if isinstance(independent, str) else tuple(independent)
         self.expression: Expression | None = None
@@ -94,6 +101,10 @@ class Model:
                 "a model is an expression, built-in name, function or nn.Module, "
                 f"got {type(spec).__name__}"
             )
+        if prefix:
+            from gradfit.model.composite import apply_prefix
+
+            apply_prefix(self, prefix)
 
     def _init_expression(
         self, text: str, independent: tuple[str, ...], params: Sequence[str] | None
@@ -141,6 +152,28 @@ class Model:
         if any(d is not inspect.Parameter.empty for d in defaults):
             self._defaults = tuple(1.0 if d is inspect.Parameter.empty else d for d in defaults)
         self.formula = f"{self.name}({x_name}, {', '.join(names)})"
+
+    # -- composites (gradfit.model.composite) ---------------------------------------------
+
+    def __add__(self, other: object) -> Model:
+        if not isinstance(other, Model):
+            return NotImplemented
+        return _combine(self, "+", other)
+
+    def __sub__(self, other: object) -> Model:
+        if not isinstance(other, Model):
+            return NotImplemented
+        return _combine(self, "-", other)
+
+    def __mul__(self, other: object) -> Model:
+        if not isinstance(other, Model):
+            return NotImplemented
+        return _combine(self, "*", other)
+
+    def __truediv__(self, other: object) -> Model:
+        if not isinstance(other, Model):
+            return NotImplemented
+        return _combine(self, "/", other)
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -265,6 +298,12 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.formula!r}, params={list(self.param_names)})"
+
+
+def _combine(left: Model, op: str, right: Model) -> Model:
+    from gradfit.model.composite import combine
+
+    return combine(left, op, right)
 
 
 VECTOR_NAMES = ("params", "p", "theta")  # f(x, params): the second argument is the vector
@@ -419,17 +458,22 @@ def as_model(model: Model | str | Callable[..., Tensor] | nn.Module, **kwargs: A
     return model if isinstance(model, Model) else Model(model, **kwargs)
 
 
-def _builtin(
-    name: str, text: str, guess: GuessFn, description: str, params: Sequence[str] | None = None
-) -> Model:
-    model = Model(text, params=params)
-    model.name, model.guess_fn, model.description = name, guess, description
+def _builtin(spec: catalog.Builtin) -> Model:
+    """The built-in ``spec`` (its name, formula and parameters are in ``model/catalog.py``)
+    with its starting guess: ``guesses.<name>``, or the least-squares polynomial."""
+    guess: GuessFn
+    if spec.degree is not None:
+        guess = _guesses.polynomial(spec.degree)
+    else:
+        guess = getattr(_guesses, spec.name)
+    model = Model(spec.formula, params=spec.params)
+    model.name, model.guess_fn, model.description = spec.name, guess, spec.description
     return model
 
 
 def linear() -> Model:
     """``a*x + b``, started from the exact least-squares line."""
-    return _builtin("linear", "a*x + b", _guesses.linear, "straight line")
+    return _builtin(catalog.BUILTINS["linear"])
 
 
 def polynomial(degree: int) -> Model:
@@ -439,58 +483,42 @@ def polynomial(degree: int) -> Model:
         >>> polynomial(2).param_names
         ('c0', 'c1', 'c2')
     """
-    if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= 20:
-        raise OptionError(f"polynomial degree must be an integer in 0..20, got {degree!r}")
-    terms = ["c0"] + [f"c{k}*x" if k == 1 else f"c{k}*x**{k}" for k in range(1, degree + 1)]
-    text = " + ".join(terms) if degree > 0 else "c0 + 0*x"
-    return _builtin(f"polynomial{degree}", text, _guesses.polynomial(degree), f"degree {degree}")
+    return _builtin(catalog.polynomial(degree))
 
 
 def exponential() -> Model:
     """``a*exp(-k*x) + c``: decay (k > 0) or growth (k < 0) towards an offset."""
-    return _builtin("exponential", "a*exp(-k*x) + c", _guesses.exponential, "exponential decay")
+    return _builtin(catalog.BUILTINS["exponential"])
 
 
 def gaussian() -> Model:
     """``amplitude*exp(-(x-center)**2/(2*width**2)) + offset``: a Gaussian peak."""
-    text = "amplitude*exp(-(x - center)**2/(2*width**2)) + offset"
-    return _builtin("gaussian", text, _guesses.peak(gaussian=True), "Gaussian peak")
+    return _builtin(catalog.BUILTINS["gaussian"])
 
 
 def lorentzian() -> Model:
     """``amplitude*width**2/((x-center)**2 + width**2) + offset``: a Lorentzian peak."""
-    text = "amplitude*width**2/((x - center)**2 + width**2) + offset"
-    order = ["amplitude", "center", "width", "offset"]  # as the Gaussian's
-    return _builtin("lorentzian", text, _guesses.peak(gaussian=False), "Lorentzian peak", order)
+    return _builtin(catalog.BUILTINS["lorentzian"])
 
 
 def logistic() -> Model:
     """``top/(1 + exp(-rate*(x - midpoint))) + bottom``: a sigmoid step."""
-    text = "top/(1 + exp(-rate*(x - midpoint))) + bottom"
-    return _builtin("logistic", text, _guesses.logistic, "logistic sigmoid")
+    return _builtin(catalog.BUILTINS["logistic"])
 
 
 def power_law() -> Model:
     """``a*x**b`` for x > 0."""
-    return _builtin("power_law", "a*x**b", _guesses.power_law, "power law")
+    return _builtin(catalog.BUILTINS["power_law"])
 
 
 def sine() -> Model:
     """``amplitude*sin(2*pi*frequency*x + phase) + offset``."""
-    text = "amplitude*sin(2*pi*frequency*x + phase) + offset"
-    return _builtin("sine", text, _guesses.sine, "sine wave")
+    return _builtin(catalog.BUILTINS["sine"])
 
 
+#: the built-ins by name, built from the one list in ``model/catalog.py``
 BUILTINS: dict[str, Callable[[], Model]] = {
-    "linear": linear,
-    "quadratic": lambda: polynomial(2),
-    "cubic": lambda: polynomial(3),
-    "exponential": exponential,
-    "gaussian": gaussian,
-    "lorentzian": lorentzian,
-    "logistic": logistic,
-    "power_law": power_law,
-    "sine": sine,
+    name: functools.partial(_builtin, spec) for name, spec in catalog.BUILTINS.items()
 }
 
 
@@ -501,14 +529,5 @@ def get_builtin(name: str) -> Model | None:
         >>> get_builtin("poly3").param_names
         ('c0', 'c1', 'c2', 'c3')
     """
-    name = name.strip()
-    if name in BUILTINS:
-        return BUILTINS[name]()
-    match = re.fullmatch(r"(?:polynomial|poly)(\d{1,2})", name)
-    return polynomial(int(match.group(1))) if match else None
-
-
-def describe_builtins() -> list[tuple[str, str, tuple[str, ...]]]:
-    """``(name, formula, param_names)`` of the built-ins, for ``gradfit models``."""
-    models = [BUILTINS[n]() for n in BUILTINS] + [polynomial(4)]
-    return [(m.name, m.formula, m.param_names) for m in models]
+    spec = catalog.find(name)
+    return None if spec is None else _builtin(spec)
