@@ -186,7 +186,8 @@ DICT_KEYS = {
     "model", "param_names", "params", "stderr", "covariance", "correlation", "loss",
     "loss_name", "optimizer", "n_iter", "n_eval", "converged", "status", "message",
     "warnings", "n_points", "n_omitted", "dof", "chi2", "reduced_chi2", "r2", "aic", "bic",
-    "absolute_sigma", "fixed", "at_bound", "history",
+    "absolute_sigma", "fixed", "at_bound", "history", "model_spec", "versions", "provenance",
+    "data",
 }  # fmt: skip
 
 
@@ -318,7 +319,7 @@ def test_a_diverged_fit_still_plots(tmp_path):
     x, y = gf.datasets.quadratic(seed=0)
     result = gf.fit("a*x**2 + b*x + c", x, y, optimizer="gd", lr=10.0, epochs=500)
     assert result.status == "diverged" and max(result.history) > 1e300
-    paths = result.plot(tmp_path)
+    paths = result.save_plots(tmp_path)
     assert all(p.stat().st_size > 0 for p in paths)
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from gradfit import datasets
     from gradfit.batch.fit_batch import fit_batch
     from gradfit.fitting.fit import fit
+    from gradfit.fitting.global_fit import fit_global
     from gradfit.model import losses, models
     from gradfit.model.models import Model
     from gradfit.options import FitOptions
@@ -47,6 +48,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "datasets": ("gradfit.datasets", None),
     "fit": ("gradfit.fitting.fit", "fit"),
     "fit_batch": ("gradfit.batch.fit_batch", "fit_batch"),
+    "fit_global": ("gradfit.fitting.global_fit", "fit_global"),
     "losses": ("gradfit.model.losses", None),
     "models": ("gradfit.model.models", None),
 }
@@ -67,6 +69,7 @@ __all__ = [
     "datasets",
     "fit",
     "fit_batch",
+    "fit_global",
     "losses",
     "models",
 ]

@@ -16,6 +16,7 @@ import torch
 
 from gradfit.errors import OptionError, unknown_name
 from gradfit.model.losses import Loss, get_loss
+from gradfit.model.ties import parse_ties
 from gradfit.optim import DEFAULT_LR, FIRST_ORDER, OPTIMIZERS
 
 Tensor = torch.Tensor
@@ -37,6 +38,8 @@ class FitOptions:
             (a negative tol: run every epoch).
         p0: starting values (mapping or vector; ``fit_batch``: also ``[K, P]``).
         bounds, fixed: ``{name: (lo, hi)}`` (None = unbounded) and ``{name: value}``.
+        ties: ``{name: expression}`` of other parameters and numbers, lmfit's ``expr``
+            (``{"p2_width": "p1_width"}``; expression models only; ``gradfit.model.ties``).
         absolute_sigma: take ``sigma`` as absolute (no χ²ᵣ rescaling of the covariance).
         nan_policy: ``raise`` or ``omit`` rows with NaN or inf (``fit``; ``fit_batch`` pads).
         dtype, device, seed: float64 unless given; the data's device; the random seed.
@@ -59,6 +62,7 @@ class FitOptions:
     p0: Any = None
     bounds: Mapping[str, Any] | None = None
     fixed: Mapping[str, float] | None = None
+    ties: Mapping[str, str] | None = None
     absolute_sigma: bool = False
     nan_policy: str = "raise"
     dtype: torch.dtype | None = None
@@ -81,6 +85,7 @@ class FitOptions:
             )
         if self.tol is not None and not math.isfinite(self.tol):  # < 0: never stop on it
             raise OptionError(f"tol must be a finite number, got {self.tol}")
+        parse_ties(self.ties)
         if self.nan_policy not in NAN_POLICIES:
             raise OptionError(
                 f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}"

@@ -30,6 +30,7 @@ from gradfit.errors import DataError, OptionError, unknown_name
 from gradfit.model.losses import Loss
 from gradfit.model.models import Model, as_model, check_uses_independent
 from gradfit.model.parameters import Bound, ParameterSpace
+from gradfit.model.ties import Tied, apply_ties, reduce_p0, tied_values
 from gradfit.optim import FIRST_ORDER
 from gradfit.optim.dispatch import lm_kernel
 from gradfit.optim.least_squares import residual_functions, residual_subset
@@ -66,6 +67,7 @@ def fit_batch(
     p0: Any = None,
     bounds: Mapping[str, Bound] | None = None,
     fixed: Mapping[str, float] | None = None,
+    ties: Mapping[str, str] | None = None,
     loss: str | Loss = "mse",
     f_scale: float = 1.0,
     optimizer: str = "auto",
@@ -98,6 +100,8 @@ def fit_batch(
             named loss, ``lr`` as in ``fit``, 15,000 epochs unless ``epochs``). ``lbfgs`` is
             not batched.
         lr: learning rate of a first-order optimizer (default as in ``fit``).
+        ties: ``{name: expression}`` as in ``fit``: the tied parameters are substituted away
+            and come back as columns (values and delta-method stderr per curve).
         options: a ready ``FitOptions`` instead of the keyword options (not both).
         chunk_size: curves per chunk; default from ``memory_budget`` bytes (default: a few
             thousand curves on the CPU, an eighth of the free memory of a GPU).
@@ -119,10 +123,14 @@ def fit_batch(
     """
     opts = options_from(
         options, loss=loss, f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs,
-        tol=tol, p0=p0, bounds=bounds, fixed=fixed, absolute_sigma=absolute_sigma,
+        tol=tol, p0=p0, bounds=bounds, fixed=fixed, ties=ties, absolute_sigma=absolute_sigma,
         dtype=dtype, device=device,
     )  # fmt: skip
     model = as_model(model)
+    tied = None
+    if opts.ties:  # the tied parameters substituted away: a smaller expression model
+        tied = apply_ties(model, opts.ties, opts.fixed, opts.bounds)
+        model, opts = tied.model, opts.replace(p0=reduce_p0(tied, opts.p0))
     dtype, device, p0 = opts.dtype or torch.float64, opts.device, opts.p0
     loss_fn = opts.loss_fn
     optimizer = batch_optimizer(opts)
@@ -163,7 +171,8 @@ def fit_batch(
             return None
         start, stop = bounds
         return _fit_chunk(model, tensors(start, stop), p0, start, stop, space, loss_fn,
-                          f_scale, optimizer, lr, epochs, tol, absolute_sigma)  # fmt: skip
+                          f_scale, optimizer, lr, epochs, tol, absolute_sigma,
+                          tied)  # fmt: skip
 
     results = []
     stream = ResultStream(out) if out is not None else None
@@ -186,7 +195,7 @@ def fit_batch(
             if (start // chunk) % TRIM_EVERY == TRIM_EVERY - 1:
                 release_freed_memory()
             advance(stop - start)
-        joined = concat(results) if results else _empty(model, space, loss_fn)
+        joined = concat(results) if results else _empty(model, space, loss_fn, tied)
         if stream is not None:
             if not chunks:
                 stream.write(joined.to_arrow())
@@ -389,6 +398,7 @@ def _fit_chunk(
     epochs: int | None,
     tol: float | None,
     absolute_sigma: bool,
+    tied: Tied | None = None,
 ) -> BatchResult:
     x, y, sigma, mask = part["x"], part["y"], part["sigma"], part["mask"]
     assert y is not None and mask is not None and x is not None
@@ -406,7 +416,45 @@ def _fit_chunk(
     else:
         result = _lm_chunk(problem, p_start, mask, f_scale, epochs, tol, absolute_sigma)
     fixed = tuple(n for n, v in zip(space.names, space.fixed, strict=True) if v is not None)
-    return _mark_unfitted(replace(result, fixed=fixed), mask.sum(-1), few)
+    result = _mark_unfitted(replace(result, fixed=fixed), mask.sum(-1), few)
+    return result if tied is None else _with_tied(problem, result, mask, tied, absolute_sigma)
+
+
+def _with_tied(
+    problem: Problem, result: BatchResult, mask: Tensor, tied: Tied, absolute_sigma: bool
+) -> BatchResult:
+    """``result`` with a column for each tied parameter (the original model's order): its
+    value and its delta-method stderr ``sqrt(g C gᵀ)`` from each curve's full covariance
+    (NaN where a parameter the tie uses has none)."""
+    params, free = result.params, problem.space.free
+    rows = _weighted_rows(problem, params.nan_to_num(nan=1.0))  # unfitted curves: NaN below
+    rows = torch.where(mask.unsqueeze(1), rows, 0.0)
+    jt = rows[:, :-1]
+    L, info = torch.linalg.cholesky_ex(torch.bmm(jt, jt.mT))
+    ok = (info == 0)[:, None, None]
+    L = torch.where(ok, L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device))  # singular
+    cov_free = torch.where(ok, torch.cholesky_inverse(L), torch.nan)
+    scale = torch.ones_like(result.reduced_chi2) if absolute_sigma else result.reduced_chi2
+    k, P = params.shape
+    cov = params.new_zeros(k, P, P)
+    cov[:, [[i] for i in free], free] = cov_free * scale[:, None, None]
+    values, sd = tied_values(tied, params, cov)
+    names = tied.model.param_names
+    columns, errors = [], []
+    for n in tied.original.param_names:
+        if n in values:
+            uses = [names.index(u) for u in tied.exprs[n].names if u in names]
+            free_uses = [i for i in uses if i in free]
+            missing = result.stderr[:, free_uses].isnan().any(-1) | params.isnan().any(-1)
+            columns.append(values[n])
+            errors.append(torch.where(missing, torch.nan, sd[n]))
+        else:
+            columns.append(params[:, names.index(n)])
+            errors.append(result.stderr[:, names.index(n)])
+    return replace(
+        result, params=torch.stack(columns, -1), stderr=torch.stack(errors, -1),
+        param_names=tied.original.param_names,
+    )  # fmt: skip
 
 
 def _first_order_chunk(
@@ -572,7 +620,10 @@ def _weighted_rows(problem: Problem, params: Tensor) -> Tensor:
     return evaluate(unbounded.to_theta(params)).detach()
 
 
-def _empty(model: Model, space: ParameterSpace, loss_fn: Loss) -> BatchResult:
+def _empty(
+    model: Model, space: ParameterSpace, loss_fn: Loss, tied: Tied | None = None
+) -> BatchResult:
+    model = model if tied is None else tied.original
     empty = torch.empty(0, len(model.param_names), dtype=torch.float64)
     none = torch.empty(0, dtype=torch.float64)
     return BatchResult(

@@ -332,7 +332,7 @@ class _PartStore:
 
         parts = sorted(self.folder.glob("part-*.parquet"))
         table = pa.concat_tables([pq.read_table(p) for p in parts])
-        return _from_table(table, key_name)
+        return BatchResult.from_table(table, key_name)
 
     def clean(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -363,25 +363,3 @@ def _mark_no_data(chunk: BatchResult) -> BatchResult:
         n_iter=chunk.n_iter.masked_fill(empty, 0),
         status=chunk.status.masked_fill(empty, NO_DATA),
     )
-
-
-def _from_table(table: Any, key_name: str) -> BatchResult:
-    import torch
-
-    from gradfit.results.batch_result import STATUS_NAMES
-
-    codes = {name: code for code, name in STATUS_NAMES.items()}
-    names = [c[: -len("_stderr")] for c in table.column_names if c.endswith("_stderr")]
-
-    def col(name: str) -> torch.Tensor:
-        return torch.as_tensor(np.array(table.column(name).to_numpy()))
-
-    return BatchResult(
-        params=torch.stack([col(n) for n in names], dim=1),
-        stderr=torch.stack([col(f"{n}_stderr") for n in names], dim=1),
-        loss=col("loss"), n_iter=col("n_iter"),
-        status=torch.tensor([codes[s] for s in table.column("status").to_pylist()]),
-        param_names=tuple(names), reduced_chi2=col("reduced_chi2"), r2=col("r2"),
-        n_points=col("n_points"), keys=table.column(key_name).to_numpy(zero_copy_only=False),
-        key_name=key_name,
-    )  # fmt: skip

@@ -146,6 +146,10 @@ Sigma = Annotated[str | None, typer.Option("--sigma", help="Column of y's standa
 P0 = Annotated[str | None, typer.Option("--p0", help="Starting values: a=1,b=2.")]
 Bounds = Annotated[str | None, typer.Option("--bounds", help="Bounds: k=0:inf,a=-1:1.")]
 Fix = Annotated[str | None, typer.Option("--fix", help="Fixed values: c=0.")]
+Tie = Annotated[
+    list[str] | None,
+    typer.Option("--tie", help="Tied parameters: p2_width=p1_width (repeat, or join with ,)."),
+]
 LossName = Annotated[str, typer.Option(help="mse sse chi2 mae huber soft_l1 cauchy arctan.")]
 FScale = Annotated[float, typer.Option("--f-scale", help="Robust loss scale.")]
 Optimizer = Annotated[
@@ -241,6 +245,7 @@ def fit_command(
     p0: P0 = None,
     bounds: Bounds = None,
     fix: Fix = None,
+    tie: Tie = None,
     loss: LossName = "mse",
     f_scale: FScale = 1.0,
     optimizer: Optimizer = "auto",
@@ -283,7 +288,7 @@ def fit_command(
         try:
             with read_tables_with(delimiter, header):
                 options = fit_options(
-                    p0=p0, bounds=bounds, fix=fix, loss=loss, f_scale=f_scale,
+                    p0=p0, bounds=bounds, fix=fix, tie=tie, loss=loss, f_scale=f_scale,
                     optimizer=optimizer, lr=lr, epochs=epochs, tol=tol, seed=seed,
                     nan_policy=nan_policy, absolute_sigma=absolute_sigma,
                 )  # fmt: skip

@@ -43,12 +43,26 @@ def build_model(text: str, x_columns: list[str]) -> tuple[Model, bool]:
 
 
 def fit_options(
-    *, p0: str | None, bounds: str | None, fix: str | None, dtype: str | None = None, **flags: Any
+    *,
+    p0: str | None,
+    bounds: str | None,
+    fix: str | None,
+    dtype: str | None = None,
+    tie: list[str] | None = None,
+    **flags: Any,
 ) -> FitOptions:
-    """One ``FitOptions`` from the CLI's flags: ``--p0``, ``--bounds``, ``--fix`` and
-    ``--dtype`` are parsed here, the rest go in as given (and are validated there)."""
+    """One ``FitOptions`` from the CLI's flags: ``--p0``, ``--bounds``, ``--fix``, ``--tie``
+    and ``--dtype`` are parsed here, the rest go in as given (and are validated there)."""
     if dtype is not None and dtype not in DTYPES:
         raise OptionError(f"--dtype must be float64 or float32, got {dtype!r}")
+    ties: dict[str, str] = {}
+    for item in (part.strip() for text in tie or () for part in text.split(",")):
+        name, sep, expression = item.partition("=")  # an expression has no ',' and no '='
+        if not sep or not name.strip() or not expression.strip() or "=" in expression:
+            raise OptionError(f"--tie: expected name=expression, got {item!r}")
+        ties[name.strip()] = expression.strip()
+    if ties:
+        flags["ties"] = ties
     return FitOptions(
         p0=parse_assignments(p0, "--p0") if p0 else None,
         bounds=parse_bounds(bounds) if bounds else None,
@@ -115,6 +129,7 @@ def run_fit(
         raise
     # the figures' axes carry the table's column names
     result.data["labels"] = {"x": x_columns[0] if len(x_columns) == 1 else x, "y": y}
+    result.provenance = {"input": str(data), "command": list(sys.argv)}
     if out is not None:
         with output_dir(out, overwrite=overwrite) as folder:
             write_outputs(result, folder, report)
@@ -142,7 +157,7 @@ def write_outputs(result: FitResult, folder: Path, report: bool) -> list[Path]:
     written = [result.save(folder / "results.json")]
     # a diverged history spans hundreds of decades: matplotlib's log scale overflows, harmlessly
     with np.errstate(over="ignore"):
-        written += result.plot(folder)
+        written += result.save_plots(folder)
     if report:
         from gradfit.views.report import write_html_report
 

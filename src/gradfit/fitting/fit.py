@@ -20,6 +20,7 @@ from gradfit.io.tables import prepare_data
 from gradfit.model.losses import Loss
 from gradfit.model.models import BUILTINS, Model, as_model, check_uses_independent, get_builtin
 from gradfit.model.parameters import Bound, ParameterSpace
+from gradfit.model.ties import Tied, apply_ties, reduce_p0, tied_values
 from gradfit.optim import FIRST_ORDER
 from gradfit.optim.lbfgs import run_lbfgs
 from gradfit.optim.problem import Hook, LoopOutcome, LoopState, Problem, chain_hooks
@@ -40,6 +41,7 @@ def fit(
     p0: Mapping[str, float] | Any = None,
     bounds: Mapping[str, Bound] | None = None,
     fixed: Mapping[str, float] | None = None,
+    ties: Mapping[str, str] | None = None,
     loss: str | Loss | Callable[[Tensor, Tensor], Tensor] = "mse",
     f_scale: float = 1.0,
     optimizer: str = "auto",
@@ -68,6 +70,9 @@ def fit(
         p0: starting values (mapping or vector); default: the built-in's guess, the module's
             current values, else ones (as ``curve_fit``).
         bounds, fixed: ``{name: (lo, hi)}`` (None = unbounded) and ``{name: value}``.
+        ties: ``{name: expression}`` (lmfit's ``expr``): each tied parameter is substituted by
+            its expression of the other parameters (expression models; ``model/ties.py``); the
+            result reports it too (``result.tied``), with its delta-method stderr.
         loss: ``mse`` (the post's), ``sse``, ``chi2``, ``mae``, ``huber``, ``soft_l1``,
             ``cauchy``, ``arctan`` or a callable ``loss(y_pred, y_true)``.
         optimizer: ``auto`` (``lm`` for least-squares losses, else ``lbfgs``), ``lm``, ``gd``,
@@ -98,7 +103,7 @@ def fit(
     """
     opts = options_from(
         options, loss=loss, f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs,
-        tol=tol, p0=p0, bounds=bounds, fixed=fixed, absolute_sigma=absolute_sigma,
+        tol=tol, p0=p0, bounds=bounds, fixed=fixed, ties=ties, absolute_sigma=absolute_sigma,
         nan_policy=nan_policy, dtype=dtype, device=device, seed=seed,
     )  # fmt: skip
     if opts.seed is not None:
@@ -106,6 +111,10 @@ def fit(
     if isinstance(model, str):
         check_model_name(model)
     model = as_model(model)
+    tied = None
+    if opts.ties:  # the tied parameters substituted away: a smaller expression model
+        tied = apply_ties(model, opts.ties, opts.fixed, opts.bounds)
+        model, opts = tied.model, opts.replace(p0=reduce_p0(tied, opts.p0))
     dtype = opts.dtype or torch.float64
     data = prepare_data(
         x, y, sigma, independent=model.independent, nan_policy=opts.nan_policy, dtype=dtype,
@@ -145,7 +154,28 @@ def fit(
         outcome = _optimise(problem, state, optimizer, lr, epoch_limit, opts.tol, hooks)
     if checkpoint is not None and outcome.status != "diverged":  # resumable where it stopped
         checkpoints.save_checkpoint(checkpoint, state, identity)
-    return _result(problem, outcome, optimizer, data.n_omitted, opts.absolute_sigma, p_start)
+    result = _result(problem, outcome, optimizer, data.n_omitted, opts.absolute_sigma, p_start)
+    return result if tied is None else _with_tied(result, tied)
+
+
+def _with_tied(result: FitResult, tied: Tied) -> FitResult:
+    """``result`` with the tied parameters in ``params`` and ``stderr`` (the original model's
+    order; delta-method stderr, None where a parameter it uses is not determined)."""
+    params = result.covariance.new_tensor([result.params[n] for n in result.param_names])
+    values, stderr = tied_values(tied, params, result.covariance)
+    names = tied.original.param_names
+    result.params = {n: result.params[n] if n in result.params else float(values[n]) for n in names}
+    sd: dict[str, float | None] = {}
+    for n in names:
+        if n in result.stderr:
+            sd[n] = result.stderr[n]
+        else:
+            uses = [u for u in tied.exprs[n].names if u in result.stderr]
+            value = float(stderr[n])
+            undetermined = any(result.stderr[u] is None and u not in result.fixed for u in uses)
+            sd[n] = None if undetermined or not math.isfinite(value) else value
+    result.stderr, result.tied = sd, dict(tied.texts)
+    return result
 
 
 def check_model_name(text: str, independent: Sequence[str] = ("x",)) -> None:

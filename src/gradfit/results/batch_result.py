@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -46,6 +47,8 @@ _MESSAGES = {
     8: "the loss became non-finite; kept the best parameters seen",
     9: "no valid point (all omitted as NaN or inf): not fitted",
 }
+#: the columns every table has besides the key and the parameters (``columns()``)
+_COLUMNS = ("loss", "reduced_chi2", "r2", "n_points", "n_iter", "status", "warnings")
 _NAMES = np.array([STATUS_NAMES[code] for code in range(len(STATUS_NAMES))], dtype=object)
 #: bits of ``BatchResult.warning_flags``
 NOT_CONVERGED = 1  # any status but converged
@@ -196,10 +199,79 @@ class BatchResult:
         return out
 
     def to_arrow(self) -> Any:
-        """A ``pyarrow.Table`` with one row per curve."""
+        """A ``pyarrow.Table`` with one row per curve; its schema's ``gradfit`` metadata keeps
+        what the columns do not (optimizer, loss, fixed parameters, the key column's name),
+        so ``load`` rebuilds the result whole."""
         import pyarrow as pa
 
-        return pa.table(self.columns())
+        table = pa.table(self.columns())
+        return table.replace_schema_metadata({"gradfit": json.dumps(self._metadata())})
+
+    def _metadata(self) -> dict[str, Any]:
+        from gradfit.results.fit_result import versions
+
+        return {
+            "optimizer": self.optimizer,
+            "loss_name": self.loss_name,
+            "fixed": list(self.fixed),
+            "key_name": self.key_name if self.keys is not None else None,
+            "versions": versions(),
+        }
+
+    @classmethod
+    def from_table(cls, table: Any, key_name: str | None = None) -> BatchResult:
+        """A ``pyarrow.Table`` written by ``to_arrow`` (or fit-many) back as a result.
+
+        The parameters are the columns with a ``<name>_stderr`` partner; the key column is
+        ``key_name``, else the one the metadata names, else the first column when it is none
+        of the result's own. Without metadata (a CSV), optimizer, loss and fixed parameters
+        take their defaults; "converged" comes back as one code (which tolerance stopped a
+        curve is not in the table).
+        """
+        import pyarrow as pa
+
+        meta_bytes = (table.schema.metadata or {}).get(b"gradfit")
+        meta: dict[str, Any] = json.loads(meta_bytes) if meta_bytes else {}
+        codes = {name: code for code, name in STATUS_NAMES.items()}
+        names = [c[: -len("_stderr")] for c in table.column_names if c.endswith("_stderr")]
+        own = {*names, *(f"{n}_stderr" for n in names), *_COLUMNS}
+        if key_name is None:
+            key_name = meta.get("key_name")
+        if key_name is None and table.column_names and table.column_names[0] not in own:
+            key_name = table.column_names[0]
+
+        def col(name: str) -> Tensor:
+            column = table.column(name)
+            if pa.types.is_null(column.type):  # a CSV column that is empty (all NaN)
+                column = column.cast(pa.float64())
+            return torch.as_tensor(np.array(column.to_numpy(zero_copy_only=False)))
+
+        keys = None
+        if key_name is not None:
+            keys = table.column(key_name).to_numpy(zero_copy_only=False)
+        return cls(
+            params=torch.stack([col(n) for n in names], dim=1),
+            stderr=torch.stack([col(f"{n}_stderr") for n in names], dim=1),
+            loss=col("loss"), n_iter=col("n_iter"),
+            status=torch.tensor([codes[s] for s in table.column("status").to_pylist()]),
+            param_names=tuple(names), reduced_chi2=col("reduced_chi2"), r2=col("r2"),
+            n_points=col("n_points"), optimizer=str(meta.get("optimizer", "lm")),
+            loss_name=str(meta.get("loss_name", "mse")), keys=keys,
+            key_name=key_name or "group", fixed=tuple(meta.get("fixed", ())),
+        )  # fmt: skip
+
+    @classmethod
+    def load(cls, path: str | Path) -> BatchResult:
+        """Read a table written by ``to_parquet``/``to_csv``/``save`` or ``gradfit fit-many``
+        (``.parquet``/``.pq`` or ``.csv``) back (see ``from_table``)."""
+        path = Path(path)
+        if path.suffix.lower() == ".csv":
+            import pyarrow.csv as pa_csv
+
+            return cls.from_table(pa_csv.read_csv(path))
+        import pyarrow.parquet as pq
+
+        return cls.from_table(pq.read_table(path))
 
     def to_parquet(self, path: str | Path) -> Path:
         """Write the table to Parquet atomically."""

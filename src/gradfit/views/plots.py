@@ -33,6 +33,11 @@ def _save(figure: Figure, path: Path) -> Path:
     return write_with(path, writer)
 
 
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Write ``figure`` to ``path`` as PNG, atomically."""
+    return _save(figure, path)
+
+
 def _np(values: Any) -> np.ndarray:
     if hasattr(values, "detach"):
         values = values.detach().cpu().numpy()
@@ -200,6 +205,8 @@ def fit_figure(result: FitResult, labels: Mapping[str, str] | None = None) -> Fi
     variable's name. With several independent variables, or an x that is not one column,
     there is no curve to draw: the figure is predicted against observed instead.
     """
+    if "x" not in result.data or "y" not in result.data:
+        raise ValueError("this result holds no data to plot (a results.json without them)")
     try:
         name, xs, as_model_x = _single_x(result.data["x"], result.model)
     except ValueError:
