@@ -255,6 +255,14 @@ def fit_command(
     seed: int | None = None,
     nan_policy: NanPolicy = "raise",
     absolute_sigma: AbsoluteSigma = False,
+    intervals: Annotated[
+        str | None,
+        typer.Option(
+            "--intervals",
+            help="Also the parameters' 68.27% confidence intervals: profile or bootstrap "
+            "(1000 refits, seeded by --seed). Plain least squares only (mse, sse, chi2).",
+        ),
+    ] = None,
     out: Out = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results JSON on stdout.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Also write report.html.")] = False,
@@ -281,7 +289,7 @@ def fit_command(
     (status "interrupted", exit 130 or 143). Exit 2: bad input; 3: the fit failed (diverged,
     non-finite at the start, singular).
     """
-    from gradfit.cli.commands import fit_options, run_fit
+    from gradfit.cli.commands import fit_options, results_dict, run_fit
     from gradfit.cli.signals import stop_on_signals
 
     with stop_on_signals() as stop:
@@ -292,10 +300,11 @@ def fit_command(
                     optimizer=optimizer, lr=lr, epochs=epochs, tol=tol, seed=seed,
                     nan_policy=nan_policy, absolute_sigma=absolute_sigma,
                 )  # fmt: skip
-                result = run_fit(
+                result, found = run_fit(
                     data, x=x, y=y, model=model, sigma=sigma, options=options, out=out,
                     report=report, overwrite=overwrite, checkpoint=checkpoint,
                     checkpoint_every=checkpoint_every, resume=resume, hook=stop.hook,
+                    intervals=intervals,
                 )  # fmt: skip
         except GradfitError as error:
             raise fail(str(error)) from None
@@ -307,9 +316,13 @@ def fit_command(
         print(f"note: --nan-policy omit dropped {result.n_omitted} rows with NaN or inf",
               file=sys.stderr)  # fmt: skip
     if as_json:
-        print(result.to_json())
+        print(json.dumps(results_dict(result, found), indent=2, allow_nan=False))
     else:
-        console.print(result.report(), highlight=False, markup=False)
+        from gradfit.cli.commands import INTERVAL_LEVEL
+        from gradfit.views.report import text_report
+
+        text = text_report(result, found, method=intervals or "profile", level=INTERVAL_LEVEL)
+        console.print(text, highlight=False, markup=False)
     if stop.requested:
         where = f"; results in {out}" if out is not None else ""
         again = f"; continue with --resume {checkpoint or resume}" if checkpoint or resume else ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +16,7 @@ from gradfit.cli.outputs import check_output_dir, output_dir
 from gradfit.cli.parsing import parse_assignments, parse_bounds
 from gradfit.errors import OptionError, OutputError
 from gradfit.fitting.fit import check_model_name, fit
-from gradfit.io.files import check_parent
+from gradfit.io.files import check_parent, write_text_atomic
 from gradfit.io.tables import prepare_data, read_table
 from gradfit.model.composite import parse_composite
 from gradfit.model.models import Model, get_builtin
@@ -87,14 +89,26 @@ def run_fit(
     checkpoint_every: int | None = None,
     resume: Path | None = None,
     hook: Hook | None = None,
-) -> FitResult:
+    intervals: str | None = None,
+) -> tuple[FitResult, Intervals | None]:
     """Read the columns, fit, and (with ``out``) write results.json, plots and report.html.
 
-    Every check on the arguments and the data runs before anything is written: a bad
-    input leaves no ``out`` folder and no checkpoint behind.
+    ``intervals``: ``"profile"`` or ``"bootstrap"`` (seeded by ``options.seed``): also the
+    parameters' 68.27% confidence intervals (``FitResult.confidence_intervals``), returned
+    beside the result and written as ``"intervals"`` in results.json and in report.html;
+    None for a fit that failed or was interrupted. Every check on the arguments and the data
+    runs before anything is written: a bad input leaves no ``out`` folder and no checkpoint
+    behind.
     """
+    if intervals is not None:
+        check_intervals(intervals, options)
     x_columns = [c.strip() for c in x.split(",") if c.strip()]
     the_model, named = build_model(model, x_columns)
+    if intervals == "bootstrap" and named:  # results/intervals.py resamples one positional x
+        raise OptionError(
+            "--intervals bootstrap needs a built-in model (its x is positional), not an "
+            f"expression in named columns ({model!r}); use --intervals profile"
+        )
     if out is not None:
         check_output_dir(out, overwrite=overwrite)
     checkpoint = checkpoint or resume  # a resumed run stays resumable
@@ -130,11 +144,50 @@ def run_fit(
     # the figures' axes carry the table's column names
     result.data["labels"] = {"x": x_columns[0] if len(x_columns) == 1 else x, "y": y}
     result.provenance = {"input": str(data), "command": list(sys.argv)}
+    found = None
+    if intervals is not None and result.status not in (*FAILED, "interrupted"):
+        found = result.confidence_intervals(
+            INTERVAL_LEVEL, intervals, seed=options.seed, options=options
+        )
     if out is not None:
         with output_dir(out, overwrite=overwrite) as folder:
-            write_outputs(result, folder, report)
+            write_outputs(result, folder, report, found, method=intervals or "profile")
     print_warnings(result)
-    return result
+    return result, found
+
+
+#: the level of ``gradfit fit --intervals``: one standard deviation, as lmfit's default
+INTERVAL_LEVEL = 0.6827
+
+Intervals = dict[str, tuple[float, float]]
+
+
+def check_intervals(method: str, options: FitOptions) -> None:
+    """Refuse ``--intervals`` before anything runs: an unknown method, or a loss that
+    ``results/intervals.py`` refuses (robust and absolute losses)."""
+    from gradfit.results.intervals import LEAST_SQUARES, METHODS
+
+    if method not in METHODS:
+        raise OptionError(f"--intervals must be one of {', '.join(METHODS)}, got {method!r}")
+    loss = options.loss_fn.name
+    if loss not in LEAST_SQUARES:
+        raise OptionError(
+            f"--intervals needs a plain least-squares loss ({', '.join(LEAST_SQUARES)}), not "
+            f"--loss {loss}: the F-test on χ² and the residual bootstrap assume "
+            "squared residuals"
+        )
+
+
+def results_dict(result: FitResult, intervals: Intervals | None) -> dict[str, Any]:
+    """``result.to_dict()`` plus ``"intervals": {name: [lo, hi]}`` when there are some
+    (an infinite end, where χ² never reached the level, as null)."""
+    saved = result.to_dict()
+    if intervals is not None:
+        saved["intervals"] = {
+            name: [v if math.isfinite(v) else None for v in (lo, hi)]
+            for name, (lo, hi) in intervals.items()
+        }
+    return saved
 
 
 def print_warnings(result: FitResult) -> None:
@@ -152,16 +205,33 @@ def print_warnings(result: FitResult) -> None:
         print(f"warning: {text}", file=sys.stderr)
 
 
-def write_outputs(result: FitResult, folder: Path, report: bool) -> list[Path]:
-    """results.json, fit.png, history.png and, if asked, report.html."""
-    written = [result.save(folder / "results.json")]
+def write_outputs(
+    result: FitResult,
+    folder: Path,
+    report: bool,
+    intervals: Intervals | None = None,
+    *,
+    method: str = "profile",
+) -> list[Path]:
+    """results.json, fit.png, history.png and, if asked, report.html (with ``intervals``,
+    from ``method``, in results.json and report.html)."""
+    if intervals is None:
+        written = [result.save(folder / "results.json")]
+    else:
+        text = json.dumps(results_dict(result, intervals), indent=2, allow_nan=False)
+        written = [write_text_atomic(folder / "results.json", text + "\n")]
     # a diverged history spans hundreds of decades: matplotlib's log scale overflows, harmlessly
     with np.errstate(over="ignore"):
         written += result.save_plots(folder)
     if report:
         from gradfit.views.report import write_html_report
 
-        written.append(write_html_report(result, folder / "report.html", written[1:]))
+        page = folder / "report.html"
+        written.append(
+            write_html_report(
+                result, page, written[1:], intervals, method=method, level=INTERVAL_LEVEL
+            )
+        )
     return written
 
 

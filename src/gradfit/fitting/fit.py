@@ -18,7 +18,14 @@ from gradfit.fitting.progress import progress_bar
 from gradfit.io.files import check_parent
 from gradfit.io.tables import prepare_data
 from gradfit.model.losses import Loss
-from gradfit.model.models import BUILTINS, Model, as_model, check_uses_independent, get_builtin
+from gradfit.model.models import (
+    BUILTINS,
+    Model,
+    as_model,
+    check_uses_independent,
+    get_builtin,
+    numpy_gradient_message,
+)
 from gradfit.model.parameters import Bound, ParameterSpace
 from gradfit.model.ties import Tied, apply_ties, reduce_p0, tied_values
 from gradfit.optim import FIRST_ORDER
@@ -133,7 +140,9 @@ def fit(
         )
     p_start = _starting_params(model, opts.p0, data.x, data.y, dtype, data.y.device)
     space.check_start(p_start)
-    _check_model_output(model, data.x, data.y, p_start)
+    _check_model_output(model, data.x, data.y, p_start)  # also decides model.numerical
+    if model.numerical and optimizer != "lm":
+        raise OptionError(f"optimizer {optimizer!r}: {numpy_gradient_message(model.name)}")
     problem = Problem(model, data.x, data.y, loss_fn, space)
     theta = space.to_theta(p_start.unsqueeze(0))[0]
     lr = opts.learning_rate(optimizer)
@@ -155,6 +164,9 @@ def fit(
     if checkpoint is not None and outcome.status != "diverged":  # resumable where it stopped
         checkpoints.save_checkpoint(checkpoint, state, identity)
     result = _result(problem, outcome, optimizer, data.n_omitted, opts.absolute_sigma, p_start)
+    if model.numerical:  # said in message too, which results.json keeps
+        result.jacobian = "numerical"
+        result.message += "; Jacobian by finite differences (a NumPy model)"
     return result if tied is None else _with_tied(result, tied)
 
 

@@ -17,10 +17,11 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from gradfit.errors import ModelError
+from gradfit.errors import ModelError, OptionError
 from gradfit.model import catalog
 from gradfit.model import guesses as _guesses
 from gradfit.model.expr import Expression, parse_expression
@@ -73,6 +74,11 @@ class Model:
 
     #: a built-in's one-line description (set by ``_builtin``)
     description: str | None = None
+    #: a function model's function as given, and whether it takes ``f(x, a, k, c)``
+    _raw_fn: Callable[..., Any] | None = None
+    _spread_form: bool = False
+    #: whether that function is written in NumPy (see ``numerical``); None: not yet known
+    _numpy: bool | None = None
 
     def __init__(
         self,
@@ -141,12 +147,12 @@ class Model:
                 raise ModelError(
                     f"parameter names must be unique and non-empty, got {list(params)}"
                 )
-            self._fn = fn
+            self._fn = self._raw_fn = fn
             self.param_names = tuple(params)
             self.formula = f"{self.name}(x, params)"
             return
         x_name, *names = signature.parameters
-        self._fn = _spread(fn)
+        self._fn, self._raw_fn, self._spread_form = _spread(fn), fn, True
         self.param_names = tuple(names)
         defaults = [signature.parameters[n].default for n in names]
         if any(d is not inspect.Parameter.empty for d in defaults):
@@ -183,10 +189,57 @@ class Model:
             return self._call_expression(x, params)
         if self.module is not None:
             return self._call_module(x, params)
+        if self.detect_numpy(x, params):
+            return self._call_numpy(x, params)
         if params.dim() == 1:
             return self._fn(x, params)
         x_dim = 0 if isinstance(x, Tensor) and x.dim() == 2 else None
         return torch.func.vmap(self._fn, in_dims=(x_dim, 0))(x, params)
+
+    # -- functions written in NumPy ---------------------------------------------------------
+
+    @property
+    def numerical(self) -> bool:
+        """Whether this is a function written in NumPy, as ``curve_fit`` users write them
+        (``a*np.exp(-k*x) + c``): it is evaluated on float64 arrays and differentiated by
+        finite differences (:func:`finite_difference_jacobian`), never by autodiff. Known
+        after its first evaluation (:meth:`detect_numpy`); False for every other model."""
+        return bool(self._numpy)
+
+    def detect_numpy(self, x: Variables, params: Tensor) -> bool:
+        """Decide once, at the first evaluation, whether a function model is NumPy code.
+
+        The rule: call it the torch way at ``params`` (one curve), with the parameters
+        requiring gradients. A torch function returns a tensor. A NumPy function raises (NumPy
+        refuses tensors that require gradients, and ``torch.exp`` refuses arrays) or returns
+        an array; it is NumPy when, called with float64 arrays as ``curve_fit`` calls it, it
+        then returns values. A function that fails both ways stays torch, so its own torch
+        error is the one reported. Expressions and modules are never NumPy.
+        """
+        if self._raw_fn is None or self.expression is not None or self.module is not None:
+            return False
+        if self._numpy is None:
+            if torch._C._functorch.is_functorch_wrapped_tensor(params):
+                return False  # inside vmap/jacfwd: decide at the next plain call
+            self._numpy = _is_numpy_function(self, x, params)
+        return self._numpy
+
+    def _call_numpy(self, x: Variables, params: Tensor) -> Tensor:
+        """A NumPy function on float64 arrays, curve by curve, as a tensor (no gradient)."""
+        if params.requires_grad and torch.is_grad_enabled():
+            raise OptionError(numpy_gradient_message(self.name))
+        p = params.detach().cpu().to(torch.float64).numpy()
+        values = _as_numpy(x)
+        if p.ndim == 1:
+            out = self._numpy_values(values, p)
+        else:
+            out = np.stack([self._numpy_values(_curve(values, k), p[k]) for k in range(len(p))])
+        return torch.as_tensor(out, dtype=params.dtype, device=params.device)
+
+    def _numpy_values(self, x: Any, p: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        assert self._raw_fn is not None
+        out = self._raw_fn(x, *p) if self._spread_form else self._raw_fn(x, p)
+        return np.asarray(out, dtype=np.float64)
 
     def _variables(self, x: Variables, params: Tensor) -> dict[str, Tensor]:
         if isinstance(x, Mapping):
@@ -232,8 +285,11 @@ class Model:
         """``(f(x, params), ∂f/∂params)`` with shapes ``[..., N]`` and ``[..., N, P]``.
 
         Expressions differentiate symbolically once, so this costs a few fused tensor
-        expressions instead of autodiff; other models return None (use autodiff).
+        expressions instead of autodiff; NumPy functions (``numerical``) by finite
+        differences; other models return None (use autodiff).
         """
+        if self.detect_numpy(x, params):
+            return finite_difference_jacobian(lambda p: self(x, p), params.detach())
         columns = self.value_and_derivatives(x, params)
         if columns is None:
             return None
@@ -397,6 +453,83 @@ def _spread(fn: Callable[..., Tensor]) -> Callable[[Variables, Tensor], Tensor]:
         return fn(x, *params.unbind(-1))
 
     return call
+
+
+def numpy_gradient_message(name: str) -> str:
+    """Why a NumPy function cannot take a gradient-based optimizer, and the fixes."""
+    return (
+        f"the model {name} is written in NumPy, which has no gradients: fit it with "
+        "optimizer='lm' (Levenberg–Marquardt, finite-difference Jacobian; the default for "
+        "least-squares losses), or write it with torch (torch.exp instead of np.exp) or as an "
+        "expression string ('a*exp(-k*x) + c') to use gd, sgd, adam or lbfgs"
+    )
+
+
+def _is_numpy_function(model: Model, x: Variables, params: Tensor) -> bool:
+    """``Model.detect_numpy``'s rule, at one curve of ``params`` (and of ``x``)."""
+    one = params.detach()
+    if one.dim() == 2:
+        one = one[0]
+        if isinstance(x, Tensor) and x.dim() == 2:
+            x = x[0]
+    with torch.inference_mode(False), torch.enable_grad():
+        xs: Variables = (
+            {k: v.detach().clone() for k, v in x.items()}
+            if isinstance(x, Mapping)
+            else x.detach().clone()
+        )
+        p = one.clone().requires_grad_(True)
+        try:
+            out = model._fn(xs, p)
+        except Exception:
+            out = None
+        if isinstance(out, Tensor):
+            return False
+    try:
+        with np.errstate(all="ignore"):
+            model._numpy_values(_as_numpy(x), one.cpu().to(torch.float64).numpy())
+    except Exception:
+        return False
+    return True
+
+
+def _as_numpy(x: Variables) -> Any:
+    """``x`` (a tensor or a mapping of them) as float64 NumPy arrays."""
+    if isinstance(x, Mapping):
+        return {k: v.detach().cpu().to(torch.float64).numpy() for k, v in x.items()}
+    return x.detach().cpu().to(torch.float64).numpy()
+
+
+def _curve(x: Any, k: int) -> Any:
+    """Curve ``k`` of a batch's ``x``: its row where ``x`` has one per curve, else ``x``."""
+    if isinstance(x, Mapping):
+        return {n: v[k] if v.ndim == 2 else v for n, v in x.items()}
+    return x[k] if x.ndim == 2 else x
+
+
+def finite_difference_jacobian(
+    f: Callable[[Tensor], Tensor], params: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(f(params) [..., N], ∂f/∂params [..., N, P])`` by forward differences.
+
+    The step is SciPy's ``least_squares`` rule (``_numdiff``, ``'2-point'``):
+    ``h = sqrt(eps)·max(|p|, 1)``, which is MINPACK's (``curve_fit``'s) relative step
+    ``sqrt(eps)·|p|`` without its failure at ``p = 0`` and with a floor for small parameters;
+    the difference is divided by the step actually taken (``(p + h) - p``, exact in floating
+    point). Forward differences cost P + 1 evaluations, as ``curve_fit``'s, and are accurate
+    to about ``sqrt(eps)`` relative, far below any parameter's standard error. Curves
+    (leading dimensions) are independent, so each column is one call for all of them.
+    """
+    with torch.no_grad():
+        f0 = f(params)
+        h = torch.finfo(params.dtype).eps ** 0.5 * params.abs().clamp_min(1.0)
+        columns = []
+        for j in range(params.shape[-1]):
+            shifted = params.clone()
+            shifted[..., j] = params[..., j] + h[..., j]
+            step = (shifted[..., j] - params[..., j]).unsqueeze(-1)
+            columns.append((f(shifted) - f0) / step)
+        return f0, torch.stack(columns, dim=-1)
 
 
 def _broadcast(value: Tensor | float, shape: tuple[int, ...], like: Tensor) -> Tensor:

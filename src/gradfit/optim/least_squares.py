@@ -9,6 +9,7 @@ from typing import TypedDict, TypeVar
 
 import torch
 
+from gradfit.model.models import finite_difference_jacobian
 from gradfit.optim.dispatch import lm_kernel, one_variable, stop_only
 from gradfit.optim.lm import (
     DEFAULT_FTOL,
@@ -50,6 +51,8 @@ def residual_functions(
 
     The rows ``[K, F + 1, N]`` are the symbolic derivatives of the residuals with respect to
     the free (transformed) parameters, then the residuals themselves: one ``torch.stack``.
+    A function written in NumPy (``Model.numerical``) gets rows by forward differences of
+    the residuals in theta (bounds' transforms included), every curve's column in one call.
     """
     model, space, x, y = problem.model, problem.space, problem.x, problem.y
     sigma = problem.loss.sigma
@@ -60,6 +63,14 @@ def residual_functions(
         return r if sigma is None else r / sigma
 
     if model.expression is None:
+        # decided at the model's first evaluation (fit's is at p0); fit_batch's may be this one
+        if model.detect_numpy(x, y.new_ones(len(model.param_names))):
+
+            def numerical(theta: Tensor) -> Tensor:  # -> (K, F + 1, N)
+                r, J = finite_difference_jacobian(residuals, theta)
+                return torch.cat([J.mT, r.unsqueeze(-2)], dim=-2)
+
+            return residuals, numerical
         return residuals, None
 
     def stacked(theta: Tensor) -> Tensor:  # -> (K, F + 1, N)

@@ -287,13 +287,56 @@ class BatchResult:
         table = self.to_arrow()
         return write_with(Path(path), lambda tmp: pa_csv.write_csv(table, tmp))
 
+    @property
+    def _index_name(self) -> str:
+        """The name of the curve axis of ``to_pandas``/``to_xarray``: the key, else "curve"."""
+        return self.key_name if self.keys is not None else "curve"
+
     def to_pandas(self) -> Any:
-        """A ``pandas.DataFrame`` (needs pandas installed)."""
+        """A ``pandas.DataFrame``, one row per curve, indexed by the group keys (named
+        ``key_name``; without keys a 0..K-1 index named ``curve``). The columns are those of
+        ``to_arrow``: each parameter, ``<name>_stderr``, loss, reduced_chi2, r2, n_points,
+        n_iter, status (names) and warnings. Needs pandas (``pip install gradfit[pandas]``).
+        """
         try:
-            import pandas  # noqa: F401
+            import pandas as pd
         except ImportError:
-            raise ImportError("to_pandas() needs pandas: pip install pandas") from None
-        return self.to_arrow().to_pandas()
+            raise ImportError(
+                "to_pandas() needs pandas: pip install gradfit[pandas] (or pip install pandas)"
+            ) from None
+        frame = self.to_arrow().to_pandas()
+        if self.keys is not None:
+            return frame.set_index(self.key_name)
+        frame.index = pd.RangeIndex(len(frame), name="curve")
+        return frame
+
+    def to_xarray(self) -> Any:
+        """An ``xarray.Dataset`` with one dimension, the curves, named ``key_name`` with the
+        group keys as its coordinate (without keys: ``curve``, 0..K-1).
+
+        Its data variables are the table's columns, each a 1-D variable over that dimension:
+        each parameter, ``<name>_stderr``, loss, reduced_chi2, r2, n_points, n_iter, status
+        (names) and warnings; ``ds.to_dataframe()`` is ``to_pandas()``. ``attrs`` keep the
+        optimizer, the loss and the fixed parameters. (One variable per parameter rather than a
+        ``param`` dimension: parameters may differ in units and scale, and ``ds["a"]`` reads as
+        ``result.params[:, j]``.) Needs xarray (``pip install gradfit[xarray]``).
+        """
+        try:
+            import xarray as xr
+        except ImportError:
+            raise ImportError(
+                "to_xarray() needs xarray: pip install gradfit[xarray] (or pip install xarray)"
+            ) from None
+        dim = self._index_name
+        columns = self.columns()
+        coord = columns.pop(self.key_name) if self.keys is not None else np.arange(len(self))
+        attrs = {"optimizer": self.optimizer, "loss_name": self.loss_name}
+        attrs["fixed"] = " ".join(self.fixed)  # a string: netCDF-safe, names have no spaces
+        return xr.Dataset(
+            {name: (dim, values) for name, values in columns.items()},
+            coords={dim: coord},
+            attrs=attrs,
+        )
 
     def summary(self) -> str:
         """Counts by status and quantiles (5%, 50%, 95%) of each parameter over converged

@@ -237,6 +237,9 @@ class FitResult:
     # tied parameters (``ties=``): name -> expression; in params/stderr, not in param_names
     tied: dict[str, str] = field(default_factory=dict)
     n_eval: int | None = None  # model evaluations (Levenberg–Marquardt; SciPy's nfev)
+    # how the Jacobian was taken: "analytic" (symbolic or autodiff) or "numerical" (finite
+    # differences, a model written in NumPy; ``message`` says so too, as results.json keeps it)
+    jacobian: str = "analytic"
     data: dict[str, Any] = field(default_factory=dict, repr=False)
     # where it came from (the CLI: the input file and the command line); in results.json
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -329,6 +332,31 @@ class FitResult:
         variance = ((g @ C) * g).sum(-1).clamp_min(0)
         t = stats.student_t_quantile(0.5 + level / 2, self.dof)
         half = t * variance.sqrt()
+        return y_pred - half, y_pred + half
+
+    def prediction_band(
+        self, x: Any, level: float = 0.95, sigma: Any = None
+    ) -> tuple[Tensor, Tensor]:
+        """Lower and upper band for a new observation at ``x``: the confidence band plus the
+        noise, half-width ``t · sqrt(g(x)ᵀ C g(x) + s²)`` (same ``t`` as the confidence band).
+
+        The noise variance ``s²``: ``χ²ᵣ`` for an unweighted fit (the residual variance);
+        ``σ(x)² · χ²ᵣ`` for a weighted one; ``σ(x)²`` alone with ``absolute_sigma`` (σ = 1
+        when the fit had none, as the covariance assumes). ``sigma``: the new points' σ (a
+        number or one per x), required for a weighted fit.
+        """
+        weighted = self.data.get("sigma") is not None
+        if weighted and sigma is None:
+            raise ValueError("a weighted fit's prediction band needs sigma= at the new x")
+        y_pred, J = prediction_and_jacobian(self.model, self._as_x(x), self.values)
+        free = [i for i, n in enumerate(self.param_names) if n not in self.fixed]
+        g = J[..., free]
+        variance = ((g @ self.covariance[free][:, free]) * g).sum(-1).clamp_min(0)
+        noise = self._as_x(1.0 if sigma is None else sigma) ** 2
+        if not self.absolute_sigma:
+            noise = noise * self.reduced_chi2
+        t = stats.student_t_quantile(0.5 + level / 2, self.dof)
+        half = t * (variance + noise).sqrt()
         return y_pred - half, y_pred + half
 
     def confidence_intervals(

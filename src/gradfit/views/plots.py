@@ -172,6 +172,17 @@ def _band_available(result: FitResult) -> bool:
     return bool(np.isfinite(cov).all())
 
 
+def _grid_sigma(sigma: np.ndarray | None) -> tuple[bool, float | None]:
+    """Whether a prediction band can be drawn, and a new point's σ for it: None for an
+    unweighted fit, the common σ of a weighted fit whose σ is constant; no band when σ
+    varies along x."""
+    if sigma is None:
+        return True, None
+    if len(sigma) and bool(np.all(sigma == sigma[0])):
+        return True, float(sigma[0])
+    return False, None
+
+
 def _per_point(sigma: Any, n: int) -> np.ndarray | None:
     return None if sigma is None else np.broadcast_to(_np(sigma).reshape(-1), (n,)).copy()
 
@@ -200,7 +211,9 @@ def fit_figure(result: FitResult, labels: Mapping[str, str] | None = None) -> Fi
 
     With one 1-D independent variable: the data against x (sorted), the model on a dense
     grid of 400 points over the x range, and the delta-method band
-    (``result.confidence_band``) when the covariance is finite. Axes are labelled
+    (``result.confidence_band``) when the covariance is finite, with the lighter 95%
+    prediction band (``result.prediction_band``) beside it (not for a weighted fit whose σ
+    varies along x: a new point's σ is unknown there). Axes are labelled
     ``labels["x"]``/``labels["y"]`` (or ``result.data["labels"]``), else with the
     variable's name. With several independent variables, or an x that is not one column,
     there is no curve to draw: the figure is predicted against observed instead.
@@ -223,6 +236,11 @@ def fit_figure(result: FitResult, labels: Mapping[str, str] | None = None) -> Fi
     top.errorbar(xs, y, yerr=sigma, fmt="o", ms=3, label="data")
     top.plot(grid, _np(result.predict(as_model_x(grid))).reshape(-1), "r-", label="fit")
     if _band_available(result):
+        drawable, noise = _grid_sigma(sigma)
+        if drawable:  # the prediction band first, so the confidence band is on top
+            pred = result.prediction_band(as_model_x(grid), sigma=noise)
+            lower, upper = (_np(b).reshape(-1) for b in pred)
+            top.fill_between(grid, lower, upper, color="r", alpha=0.08, label="95% prediction")
         lower, upper = (_np(b).reshape(-1) for b in result.confidence_band(as_model_x(grid)))
         top.fill_between(grid, lower, upper, color="r", alpha=0.2, label="95% band")
     top.legend()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,8 +71,23 @@ def _steps(result: FitResult) -> str:
     return "iterations" if result.optimizer == "lm" else "epochs"
 
 
-def text_report(result: FitResult) -> str:
-    """The report as aligned plain text: the warnings first, then the parameters."""
+Intervals = Mapping[str, tuple[float, float]]
+
+
+def interval_title(method: str, level: float) -> str:
+    """``"68.27% profile"``: what the confidence intervals are."""
+    return f"{100 * level:.4g}% {method}"
+
+
+def text_report(
+    result: FitResult,
+    intervals: Intervals | None = None,
+    *,
+    method: str = "profile",
+    level: float = 0.6827,
+) -> str:
+    """The report as aligned plain text: the warnings first, then the parameters, and the
+    confidence ``intervals`` (``FitResult.confidence_intervals``) when given."""
     lines = ["[[Warnings]]", *(f"  {w}" for w in result.warnings)] if result.warnings else []
     lines.append("[[Parameters]]")
     rows = parameter_rows(result)
@@ -84,13 +100,27 @@ def text_report(result: FitResult) -> str:
     if correlations:
         lines.append("[[Correlations]] (|r| > 0.5)")
         lines += [f"  C({a}, {b}) = {c:+.4f}" for a, b, c in correlations]
+    if intervals:
+        lines.append(f"[[Confidence intervals]] ({interval_title(method, level)})")
+        width = max(len(name) for name in intervals)
+        lines += [
+            f"  {name:<{width}} = [{lo:.6g}, {hi:.6g}]" for name, (lo, hi) in intervals.items()
+        ]
     lines.append("[[Fit statistics]]")
     lines += [f"  {label:<19} {value}" for label, value in statistic_rows(result)]
     return "\n".join(lines)
 
 
-def html_report(result: FitResult, figures: list[Path]) -> str:
-    """A single HTML page: tables plus the given PNG figures inlined as data URIs."""
+def html_report(
+    result: FitResult,
+    figures: list[Path],
+    intervals: Intervals | None = None,
+    *,
+    method: str = "profile",
+    level: float = 0.6827,
+) -> str:
+    """A single HTML page: tables (the confidence ``intervals`` when given) plus the given PNG
+    figures inlined as data URIs."""
     esc = html.escape
     params = "".join(
         f"<tr><td>{esc(n)}</td><td>{v}</td><td>{e}</td><td>{r}</td><td>{esc(note)}</td></tr>"
@@ -103,6 +133,15 @@ def html_report(result: FitResult, figures: list[Path]) -> str:
         f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{c:+.4f}</td></tr>"
         for a, b, c in strong_correlations(result)
     )
+    bounds = "".join(
+        f"<tr><td>{esc(n)}</td><td>{lo:.6g}</td><td>{hi:.6g}</td></tr>"
+        for n, (lo, hi) in (intervals or {}).items()
+    )
+    if bounds:
+        bounds = (
+            f"<h2>Confidence intervals ({esc(interval_title(method, level))})</h2><table>"
+            f"<tr><th>name</th><th>lower</th><th>upper</th></tr>{bounds}</table>"
+        )
     warnings = "".join(f"<li>{esc(w)}</li>" for w in result.warnings)
     warnings = f'<h2>Warnings</h2><ul class="warnings">{warnings}</ul>' if warnings else ""
     images = "".join(
@@ -120,6 +159,7 @@ text-align:left}}img{{max-width:100%}}.warnings{{color:#a40000}}</style></head><
 {warnings}
 <h2>Parameters</h2><table><tr><th>name</th><th>value</th><th>stderr</th><th>relative</th>
 <th></th></tr>{params}</table>
+{bounds}
 <h2>Strong correlations</h2><table>{corr or "<tr><td>none above 0.5</td></tr>"}</table>
 <h2>Fit statistics</h2><table>{stats}</table>
 <h2>Figures</h2>{images}
@@ -127,6 +167,15 @@ text-align:left}}img{{max-width:100%}}.warnings{{color:#a40000}}</style></head><
 """
 
 
-def write_html_report(result: FitResult, path: Path, figures: list[Path]) -> Path:
+def write_html_report(
+    result: FitResult,
+    path: Path,
+    figures: list[Path],
+    intervals: Intervals | None = None,
+    *,
+    method: str = "profile",
+    level: float = 0.6827,
+) -> Path:
     """Write ``html_report`` atomically."""
-    return write_text_atomic(path, html_report(result, figures))
+    page = html_report(result, figures, intervals, method=method, level=level)
+    return write_text_atomic(path, page)
