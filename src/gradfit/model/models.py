@@ -219,8 +219,11 @@ class Model:
         if self._raw_fn is None or self.expression is not None or self.module is not None:
             return False
         if self._numpy is None:
-            if torch._C._functorch.is_functorch_wrapped_tensor(params):
-                return False  # inside vmap/jacfwd: decide at the next plain call
+            # inside vmap/jacfwd: decide at the next plain call (a private torch check; a
+            # torch without it simply decides now)
+            wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+            if wrapped is not None and wrapped(params):
+                return False
             self._numpy = _is_numpy_function(self, x, params)
         return self._numpy
 
