@@ -135,7 +135,7 @@ def fit_batch(
     loss_fn = opts.loss_fn
     optimizer = batch_optimizer(opts)
     lr, tol, absolute_sigma = opts.learning_rate(optimizer), opts.tol, opts.absolute_sigma
-    epochs, f_scale = opts.epochs, opts.f_scale
+    epochs, f_scale = opts.epoch_limit(optimizer), opts.f_scale
     if loss_fn.name == "chi2" and sigma is None:
         raise OptionError("loss 'chi2' needs sigma (per-point standard deviations)")
     # The inputs stay as given (views, no copies): each chunk is converted when it is fitted,
@@ -405,7 +405,9 @@ def _fit_chunk(
     p_start = _start(model, p0, x, y, mask, start, stop)
     # fit refuses a curve with fewer points than free parameters: no start to check, and a
     # NaN start makes both kernels and the first-order loop drop it at once (no iterations)
-    few = mask.sum(-1) < len(space.free)
+    # a curve with no valid point is not fitted even when every parameter is fixed
+    n_valid = mask.sum(-1)
+    few = (n_valid < len(space.free)) | (n_valid == 0)
     p_start = torch.where(few.unsqueeze(-1), torch.nan, p_start)
     space.check_start(p_start)
     problem = Problem(model, x, y, loss_fn.with_options(f_scale=f_scale, sigma=sigma), space)
@@ -416,7 +418,7 @@ def _fit_chunk(
     else:
         result = _lm_chunk(problem, p_start, mask, f_scale, epochs, tol, absolute_sigma)
     fixed = tuple(n for n, v in zip(space.names, space.fixed, strict=True) if v is not None)
-    result = _mark_unfitted(replace(result, fixed=fixed), mask.sum(-1), few)
+    result = _mark_unfitted(replace(result, fixed=fixed), n_valid, few)
     return result if tied is None else _with_tied(problem, result, mask, tied, absolute_sigma)
 
 
@@ -468,8 +470,9 @@ def _first_order_chunk(
     absolute_sigma: bool,
 ) -> BatchResult:
     space = problem.space
+    assert epochs is not None  # FitOptions.epoch_limit gives first-order optimizers one
     theta, loss_values, n_iter, status = fit_first_order(
-        problem, space.to_theta(p_start), mask, optimizer, lr, epochs or 15_000, tol
+        problem, space.to_theta(p_start), mask, optimizer, lr, epochs, tol
     )
     params = space.to_params(theta).detach()
     stats = _curve_statistics(problem, params, mask, absolute_sigma, rows=None)

@@ -11,7 +11,6 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -225,7 +224,7 @@ def run_fit_many(
             model, packed["x"], packed["y"], sigma=packed.get("sigma"),
             chunk_size=parts.chunk_size,
             on_chunk=lambda start, chunk: parts.write(
-                start, _mark_no_data(chunk), keys, group or "curve"
+                start, chunk, keys, group or "curve"
             ),
             skip_chunk=lambda start, stop: parts.done(start, stop) or stopped(), options=opts,
             progress=progress,
@@ -345,21 +344,3 @@ class _PartStore:
         self.clean()
         remove_folders([folder for folder in self._created if folder != self.folder])
         return True
-
-
-def _mark_no_data(chunk: BatchResult) -> BatchResult:
-    """Curves without a single valid point: status no_data, NaN for every estimate."""
-    empty = chunk.n_points == 0
-    if not bool(empty.any()):
-        return chunk
-    row = empty.unsqueeze(-1)
-    return replace(
-        chunk,
-        params=chunk.params.masked_fill(row, np.nan),
-        stderr=chunk.stderr.masked_fill(row, np.nan),
-        loss=chunk.loss.masked_fill(empty, np.nan),
-        reduced_chi2=chunk.reduced_chi2.masked_fill(empty, np.nan),
-        r2=chunk.r2.masked_fill(empty, np.nan),
-        n_iter=chunk.n_iter.masked_fill(empty, 0),
-        status=chunk.status.masked_fill(empty, NO_DATA),
-    )

@@ -286,7 +286,8 @@ def _optimise(
         )
     step = FIRST_ORDER[optimizer](lr=lr)
     state.optimizer_state = checkpoints.restore_into(step.init(state.theta), state.optimizer_state)
-    return run_loop(problem, state, step, epochs=epochs or 15_000, tol=tol, hook=hook)
+    assert epochs is not None  # FitOptions.epoch_limit gives first-order optimizers one
+    return run_loop(problem, state, step, epochs=epochs, tol=tol, hook=hook)
 
 
 def _result(
