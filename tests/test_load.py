@@ -196,3 +196,43 @@ def test_fit_many_output_loads(tmp_path):
     assert loaded.key_name == "g" and len(loaded) == 3
     assert loaded.status_names == ["converged"] * 3
     np.testing.assert_allclose(loaded.params[:, 0].numpy(), [1, 2, 3], atol=0.05)
+
+
+def test_long_history_goes_to_an_npz_and_comes_back_bit_exact(tmp_path, monkeypatch):
+    from gradfit.results import history_store
+
+    t, y, _ = _decay()
+    result = gf.fit("a*exp(-k*x) + c", t, y, p0={"a": 1, "k": 1, "c": 0}, optimizer="adam",
+                    epochs=300, tol=None)  # fmt: skip
+    monkeypatch.setattr(history_store, "INLINE_HISTORY", 100)
+    path = result.save(tmp_path / "results.json")
+    saved = json.loads(path.read_text())
+    assert saved["history"] == {"file": "results.history.npz", "length": 300}
+    loaded = FitResult.load(path)
+    assert loaded.history == result.history  # float64 in the npz: every bit kept
+    assert_same_result(loaded, result)
+
+    short = gf.fit("a*exp(-k*x) + c", t, y, p0={"a": 1, "k": 1, "c": 0}, optimizer="adam",
+                   epochs=50, tol=None)  # fmt: skip
+    short.save(tmp_path / "short.json")  # stays inline, no npz beside it
+    assert isinstance(json.loads((tmp_path / "short.json").read_text())["history"], list)
+    assert not (tmp_path / "short.history.npz").exists()
+
+    # the JSON and the npz from different runs are refused, naming the file
+    saved["history"]["length"] = 299
+    path.write_text(json.dumps(saved))
+    with pytest.raises(gf.DataError, match=r"results\.history\.npz: holds 300 epochs"):
+        FitResult.load(path)
+
+
+def test_demo_stores_its_history_beside_results_json(tmp_path, monkeypatch):
+    from gradfit.results import history_store
+
+    monkeypatch.setattr(history_store, "INLINE_HISTORY", 100)
+    out = tmp_path / "demo"
+    ran = CliRunner().invoke(app, ["demo", "--epochs", "200", "--seed", "3", "--out", str(out)])
+    assert ran.exit_code == 0, ran.output
+    assert json.loads((out / "results.json").read_text())["history"]["length"] == 200
+    loaded = FitResult.load(out / "results.json")
+    with np.load(out / "results.history.npz") as npz:
+        assert loaded.history == npz["loss"].tolist() and len(loaded.history) == 200

@@ -25,6 +25,7 @@ from gradfit.optim.status import FAILED
 from gradfit.options import FitOptions
 from gradfit.results.batch_result import BatchResult
 from gradfit.results.fit_result import FitResult
+from gradfit.results.history_store import store_history
 
 
 def build_model(text: str, x_columns: list[str]) -> tuple[Model, bool]:
@@ -178,10 +179,12 @@ def check_intervals(method: str, options: FitOptions) -> None:
         )
 
 
-def results_dict(result: FitResult, intervals: Intervals | None) -> dict[str, Any]:
+def results_dict(
+    result: FitResult, intervals: Intervals | None, history_file: str | None = None
+) -> dict[str, Any]:
     """``result.to_dict()`` plus ``"intervals": {name: [lo, hi]}`` when there are some
     (an infinite end, where χ² never reached the level, as null)."""
-    saved = result.to_dict()
+    saved = result.to_dict(history_file)
     if intervals is not None:
         saved["intervals"] = {
             name: [v if math.isfinite(v) else None for v in (lo, hi)]
@@ -218,7 +221,9 @@ def write_outputs(
     if intervals is None:
         written = [result.save(folder / "results.json")]
     else:
-        text = json.dumps(results_dict(result, intervals), indent=2, allow_nan=False)
+        stored = store_history(result.history, folder / "results.json")
+        saved = results_dict(result, intervals, stored)
+        text = json.dumps(saved, indent=2, allow_nan=False)
         written = [write_text_atomic(folder / "results.json", text + "\n")]
     # a diverged history spans hundreds of decades: matplotlib's log scale overflows, harmlessly
     with np.errstate(over="ignore"):

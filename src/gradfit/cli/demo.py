@@ -45,9 +45,9 @@ class DemoRun:
         """How far the fitted loss lies above the least-squares optimum, relatively."""
         return self.result.loss / self.optimum_loss - 1
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, history_file: str | None = None) -> dict[str, Any]:
         return {
-            **self.result.to_dict(),
+            **self.result.to_dict(history_file),
             "seed": self.seed,
             "initial_params": dict(zip("abc", self.initial.tolist(), strict=True)),
             "true_params": TRUE_PARAMS,
@@ -103,9 +103,11 @@ def write_demo(run: DemoRun, out: Path) -> list[Path]:
     import json
 
     from gradfit.io.files import write_text_atomic
+    from gradfit.results.history_store import store_history
 
     x, y = run.x, run.y
     before = f(x, run.initial)
+    stored = store_history(run.result.history, out / "results.json")  # the 15,000 epochs
     return [
         plot_dataset(x, y, out / "dataset.png"),
         plot_prediction(x, y, before, "Before training", out / "before_training.png"),
@@ -113,5 +115,6 @@ def write_demo(run: DemoRun, out: Path) -> list[Path]:
         plot_after_training(
             x, y, run.result.predict, optimum_curve(run.optimum), out / "after_training.png"
         ),
-        write_text_atomic(out / "results.json", json.dumps(run.to_dict(), indent=2) + "\n"),
+        *([out / stored] if stored else []),
+        write_text_atomic(out / "results.json", json.dumps(run.to_dict(stored), indent=2) + "\n"),
     ]

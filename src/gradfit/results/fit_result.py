@@ -16,6 +16,7 @@ import torch
 from gradfit.io.files import write_text_atomic
 from gradfit.results import stats
 from gradfit.results.diagnosis import diagnose
+from gradfit.results.history_store import history_entry, load_history, store_history
 from gradfit.results.jacobian import prediction_and_jacobian
 
 if TYPE_CHECKING:
@@ -379,7 +380,7 @@ class FitResult:
 
         return confidence_intervals(self, level, method, n=n, seed=seed, options=options)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, history_file: str | None = None) -> dict[str, Any]:
         """Plain JSON-ready dict (NaN/inf as null)."""
         matrix = [[_number(v) for v in row] for row in self.covariance.tolist()]
         correlation = [[_number(v) for v in row] for row in self.correlation.tolist()]
@@ -411,20 +412,23 @@ class FitResult:
             "fixed": list(self.fixed),
             **({"tied": dict(self.tied)} if self.tied else {}),  # only a fit with ties
             "at_bound": list(self.at_bound),
-            "history": [_number(v) for v in self.history],
+            "history": history_entry(self.history, history_file),
             "model_spec": _model_spec(self.model),
             "versions": versions(),
             "provenance": dict(self.provenance),
             "data": _data_dict(self.data),
         }
 
-    def to_json(self, indent: int | None = 2) -> str:
-        """The results as JSON text."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+    def to_json(self, indent: int | None = 2, history_file: str | None = None) -> str:
+        """The results as JSON text (the history inline, or named by ``history_file``)."""
+        return json.dumps(self.to_dict(history_file), indent=indent, allow_nan=False)
 
     def save(self, path: str | Path) -> Path:
-        """Write ``to_json()`` to ``path`` atomically."""
-        return write_text_atomic(Path(path), self.to_json() + "\n")
+        """Write ``to_json()`` to ``path`` atomically; a history of more than
+        ``INLINE_HISTORY`` epochs goes to ``<stem>.history.npz`` beside it (written first)."""
+        path = Path(path)
+        stored = store_history(self.history, path)
+        return write_text_atomic(path, self.to_json(history_file=stored) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> FitResult:
@@ -450,7 +454,7 @@ class FitResult:
             correlation=correlation,
             param_names=names,
             loss=_float(saved["loss"]),
-            history=[_float(v) for v in saved["history"]],
+            history=load_history(saved["history"], Path(path)),
             n_iter=int(saved["n_iter"]),
             converged=bool(saved["converged"]),
             status=str(saved["status"]),
