@@ -33,7 +33,11 @@ def store_history(history: list[float], json_path: Path) -> str | None:
     buffer = io.BytesIO()  # np.savez would append ".npz" to the temporary file's name
     np.savez_compressed(buffer, loss=np.asarray(history, dtype=np.float64))
     target = history_path(json_path)
-    write_with(target, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(buffer.getvalue())
+
+    write_with(target, write)
     return target.name
 
 
@@ -56,7 +60,7 @@ def load_history(entry: Any, json_path: Path) -> list[float]:
     path = json_path.with_name(str(entry["file"]))
     try:
         with np.load(path) as saved:
-            values = saved["loss"].astype(np.float64).tolist()
+            values: list[float] = saved["loss"].astype(np.float64).tolist()
     except (OSError, KeyError, ValueError) as error:
         raise DataError(f"{path}: cannot read the loss history ({error})") from None
     if len(values) != int(entry["length"]):
