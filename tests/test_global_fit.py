@@ -161,3 +161,15 @@ def test_nan_rows_are_omitted_per_dataset() -> None:
         assert with_nan.params[name] == pytest.approx(value, rel=1e-9)
     with pytest.raises(gf.DataError, match=r"dataset 0: y has a non-finite value"):
         gf.fit_global(MODEL, [(x, y_nan)], shared=["k"])
+
+
+def test_a_dataset_too_short_for_its_parameters_is_fitted_and_flagged() -> None:
+    """One point for a_1 and c_1: the fit runs (the dense path) and says they are not
+    determined, instead of failing."""
+    (x0, y0), (x1, y1, _), _ = _datasets()
+    p0 = {"a": 3.0, "k": 0.5, "c": 0.0}
+    result = gf.fit_global(MODEL, [(x0, y0), (x1[:1], y1[:1])], shared=["k"], p0=p0)
+    assert result.stderr["a_1"] is None and result.stderr["c_1"] is None
+    assert any("a_1 and c_1" in w for w in result.warnings)
+    alone = gf.fit(MODEL, x0, y0, p0=p0)
+    assert result.params["k"] == pytest.approx(alone.params["k"], rel=1e-6)

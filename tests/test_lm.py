@@ -346,9 +346,10 @@ def test_exact_data_converges_to_the_exact_parameters() -> None:
     np.testing.assert_allclose(fit.theta.numpy(), true.numpy(), rtol=1e-10)
 
 
-def test_noisy_data_stops_on_ftol_within_a_few_iterations() -> None:
+def test_noisy_data_stops_converged_within_a_few_iterations() -> None:
     fit = levenberg_marquardt(residuals_for(exp_decay, decay_data(1)), torch.ones(1, 3, dtype=F64))
-    assert statuses(fit) == [LMStatus.FTOL] and fit.n_iter.item() < 30
+    # FTOL, or XTOL where the next (nearly undamped) step would have been below xtol
+    assert statuses(fit) in ([LMStatus.FTOL], [LMStatus.XTOL]) and fit.n_iter.item() < 30
 
 
 def test_a_good_step_is_not_rejected_for_a_slightly_large_acceleration() -> None:
@@ -367,10 +368,11 @@ def test_a_good_step_is_not_rejected_for_a_slightly_large_acceleration() -> None
     )
     initial = 0.5 * float(((gaussian(start) - y) ** 2).sum())
     assert costs[0] < 0.5 * initial  # the first iteration already moved
-    assert statuses(fit) == [LMStatus.FTOL] and fit.n_iter.item() <= 8
+    assert statuses(fit) in ([LMStatus.FTOL], [LMStatus.XTOL]) and fit.n_iter.item() <= 8
     reference = scipy_fit(lambda p: gaussian(torch.tensor(p)[None])[0].numpy() - y.numpy(),
                           start[0].numpy())  # fmt: skip
-    np.testing.assert_allclose(fit.theta[0].numpy(), reference, rtol=1e-7)
+    # the center is near 0 (2.3e-3): its error is judged against the parameters' scale (~1)
+    np.testing.assert_allclose(fit.theta[0].numpy(), reference, rtol=1e-7, atol=1e-8)
 
 
 def test_callback_can_stop_the_batch() -> None:

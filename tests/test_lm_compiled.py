@@ -179,14 +179,14 @@ def test_stopping_codes_for_hard_cases():
     theta0 = torch.ones(3, 2, dtype=torch.float64)
     assert_same_outcome(*both_kernels(problem, theta0), iterations=False)
     # a parameter that does not act, non-finite start, iteration limit
-    cases = [("a*x + b*0", [1.0, 1.0], LMStatus.FTOL), ("log(a*x)", [-1.0], None)]
+    converged = (LMStatus.FTOL, LMStatus.XTOL, LMStatus.GTOL)
+    cases = [("a*x + b*0", [1.0, 1.0], converged), ("log(a*x)", [-1.0], (LMStatus.NON_FINITE,))]
     for expression, start, status in cases:
         problem = problem_for(expression, x[1:], y[:1, 1:])
         theta0 = torch.tensor([start], dtype=torch.float64)
         reference, compiled = both_kernels(problem, theta0)
         assert compiled.status.tolist() == reference.status.tolist()
-        if status is not None:
-            assert compiled.status.tolist() == [status]
+        assert compiled.status[0] in status
     problem = problem_for(GAUSSIAN, x, y[2:])
     theta0 = torch.tensor([[1.0, 0.5, 0.5, 0.0]], dtype=torch.float64)
     reference, compiled = both_kernels(problem, theta0, max_iter=2)

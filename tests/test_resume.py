@@ -30,7 +30,7 @@ runner = CliRunner()
 LINEAR = "a*x + b"
 X = torch.linspace(0, 1, 12, dtype=torch.float64)
 Y = 2 * X - 0.5 + 0.01 * torch.sin(17 * X)
-#: each converges with tol 0 or 1e-10 in 130-370 epochs; tol None runs all 400
+#: each converges with tol 0 or 1e-10 in 3-490 epochs; tol None runs all 600
 OPTIMIZERS = [("gd", 0.5), ("sgd", 0.3), ("adam", 0.1), ("lbfgs", 1.0)]
 TOLS = [0.0, None, 1e-10]
 
@@ -40,7 +40,7 @@ class Killed(Exception):
 
 
 def fit_linear(optimizer, lr, tol, **options):
-    return gf.fit(LINEAR, X, Y, p0=[1.0, 1.0], optimizer=optimizer, lr=lr, epochs=400, tol=tol,
+    return gf.fit(LINEAR, X, Y, p0=[1.0, 1.0], optimizer=optimizer, lr=lr, epochs=600, tol=tol,
                   **options)  # fmt: skip
 
 
@@ -154,10 +154,13 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, optimizer, ex
         json.loads((tmp_path / n / "results.json").read_text()) for n in ("resumed", "fresh")
     )
     assert one["params"] == two["params"]
-    assert one["history"] == two["history"]
+    # a long history lies in results.history.npz beside the JSON: compare what load reads
+    histories = [gf.FitResult.load(tmp_path / n / "results.json").history
+                 for n in ("resumed", "fresh")]  # fmt: skip
+    assert histories[0] == histories[1]
     assert one["status"] == two["status"]
     if optimizer == "adam":
-        assert saved < len(two["history"]) and two["status"] == "converged"
+        assert saved < len(histories[1]) and two["status"] == "converged"
 
 
 # ------------------------------------------------------------------ fit: what may change

@@ -29,6 +29,8 @@ from gradfit.errors import (
 if TYPE_CHECKING:
     from gradfit import datasets
     from gradfit.batch.fit_batch import fit_batch
+    from gradfit.batch.fit_many import fit_many
+    from gradfit.batch.shared import fit_shared
     from gradfit.fitting.fit import fit
     from gradfit.fitting.global_fit import fit_global
     from gradfit.model import losses, models
@@ -48,9 +50,12 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "datasets": ("gradfit.datasets", None),
     "fit": ("gradfit.fitting.fit", "fit"),
     "fit_batch": ("gradfit.batch.fit_batch", "fit_batch"),
+    "fit_many": ("gradfit.batch.fit_many", "fit_many"),
     "fit_global": ("gradfit.fitting.global_fit", "fit_global"),
+    "fit_shared": ("gradfit.batch.shared", "fit_shared"),
     "losses": ("gradfit.model.losses", None),
     "models": ("gradfit.model.models", None),
+    "xarray": ("gradfit.xarray", None),  # registers the DataArray accessor da.gradfit
 }
 
 __all__ = [
@@ -70,6 +75,8 @@ __all__ = [
     "fit",
     "fit_batch",
     "fit_global",
+    "fit_many",
+    "fit_shared",
     "losses",
     "models",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,6 +24,8 @@ Tensor = torch.Tensor
 NAN_POLICIES = ("raise", "omit")
 #: the epoch limit of the first-order optimizers when none is given (the post's 15,000)
 DEFAULT_EPOCHS = 15_000
+#: the epoch limit of mini-batch training when none is given: an epoch is a pass over all rows
+DEFAULT_MINIBATCH_EPOCHS = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +45,15 @@ class FitOptions:
             (``{"p2_width": "p1_width"}``; expression models only; ``gradfit.model.ties``).
         absolute_sigma: take ``sigma`` as absolute (no χ²ᵣ rescaling of the covariance).
         nan_policy: ``raise`` or ``omit`` rows with NaN or inf (``fit``; ``fit_batch`` pads).
-        dtype, device, seed: float64 unless given; the data's device; the random seed.
+        dtype, device, seed: float64 unless given; the data's device; the random seed
+            (with ``batch_size`` it also decides the batches' order and the validation rows).
+        batch_size: mini-batch training (gd, sgd, adam): one step per batch of this many rows,
+            an epoch being one pass over the training rows (``fitting/minibatch.py``).
+        shuffle: draw a new order of the rows every epoch (else the rows' own order).
+        validation: a fraction in (0, 1) of the rows held out (chosen by ``seed``), or an
+            explicit ``(x_val, y_val)``: the validation loss is recorded per epoch and the
+            parameters with the best one are kept (mini-batch only).
+        patience: stop after this many epochs without a better validation loss.
 
     Example:
         >>> FitOptions(loss="huber", optimizer="auto").resolve(batched=False)
@@ -68,6 +79,10 @@ class FitOptions:
     dtype: torch.dtype | None = None
     device: torch.device | str | None = None
     seed: int | None = None
+    batch_size: int | None = None
+    shuffle: bool = True
+    validation: float | tuple[Any, Any] | None = None
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         self.loss_fn  # noqa: B018 - an unknown loss name fails here, with the valid ones
@@ -86,10 +101,42 @@ class FitOptions:
         if self.tol is not None and not math.isfinite(self.tol):  # < 0: never stop on it
             raise OptionError(f"tol must be a finite number, got {self.tol}")
         parse_ties(self.ties)
+        self._check_minibatch()
         if self.nan_policy not in NAN_POLICIES:
             raise OptionError(
                 f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}"
             )
+
+    def _check_minibatch(self) -> None:
+        """batch_size, shuffle, validation, patience: types and ranges (which optimizer may
+        take them is ``resolve``'s business)."""
+        size = self.batch_size
+        if size is not None and not (_whole(size) and size >= 1):
+            raise OptionError(f"batch_size must be a whole number >= 1, got {size!r}")
+        if not isinstance(self.shuffle, bool):
+            raise OptionError(f"shuffle must be True or False, got {self.shuffle!r}")
+        if self.seed is not None and not _whole(self.seed):
+            raise OptionError(f"seed must be a whole number, got {self.seed!r}")
+        held = self.validation
+        if isinstance(held, float | int) and not isinstance(held, bool):
+            if not 0 < held < 1:
+                raise OptionError(
+                    f"validation must be a fraction in (0, 1) or (x_val, y_val), got {held}"
+                )
+        elif held is not None and not (isinstance(held, tuple | list) and len(held) in (2, 3)):
+            raise OptionError(
+                "validation must be a fraction in (0, 1), (x_val, y_val) or "
+                f"(x_val, y_val, sigma_val), got {type(held).__name__} {_short(held)}"
+            )
+        patience = self.patience
+        if patience is not None and not (_whole(patience) and patience >= 1):
+            raise OptionError(f"patience must be a whole number >= 1, got {patience!r}")
+        if size is None and (held is not None or patience is not None):
+            given = "validation" if held is not None else "patience"
+            raise OptionError(f"{given} needs mini-batch training: give batch_size too")
+        if patience is not None and held is None:
+            raise OptionError("patience counts epochs without a better validation loss: "
+                              "give validation too")  # fmt: skip
 
     @property
     def loss_fn(self) -> Loss:
@@ -105,13 +152,26 @@ class FitOptions:
         """
         loss = self.loss_fn
         name = self.optimizer
-        if name == "auto":
+        if name == "auto" and self.batch_size is not None:
+            name = "adam"  # mini-batch training is first-order
+        elif name == "auto":
             name = "lm" if loss.least_squares else ("adam" if batched else "lbfgs")
         if name == "lm" and not loss.least_squares:
             alternative = "adam" if batched else "lbfgs or adam"
             raise OptionError(
                 f"optimizer 'lm' needs a least-squares loss, not {loss.name!r}; use {alternative}"
             )
+        if self.batch_size is not None and not batched and name not in FIRST_ORDER:
+            other = (
+                "LM is full-batch: leave batch_size out (LM takes any number of rows)"
+                if name == "lm"
+                else "lbfgs needs the full batch for its line search"
+            )
+            raise OptionError(
+                f"batch_size needs a first-order optimizer (gd, sgd, adam), not {name!r}; {other}"
+            )
+        if batched and self.batch_size is not None:
+            raise OptionError("fit_batch does not take batch_size: it fits every curve whole")
         if batched and name == "lbfgs":
             raise OptionError(
                 "fit_batch does not batch lbfgs (each curve would need its own line search); "
@@ -129,6 +189,8 @@ class FitOptions:
         """``epochs``, or the first-order default; None lets LM and lbfgs choose theirs."""
         if self.epochs is not None:
             return self.epochs
+        if self.batch_size is not None and optimizer in FIRST_ORDER:
+            return DEFAULT_MINIBATCH_EPOCHS
         return DEFAULT_EPOCHS if optimizer in FIRST_ORDER else None
 
     def replace(self, **changes: Any) -> FitOptions:
@@ -152,6 +214,17 @@ def options_from(options: FitOptions | None, **given: Any) -> FitOptions:
             f"(also given: {', '.join(clashing)})"
         )
     return options
+
+
+def _short(value: Any) -> str:
+    """A value as at most 40 characters of text (an error names arrays without printing them)."""
+    text = repr(value) if not isinstance(value, tuple | list) else f"of {len(value)} items"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _whole(value: Any) -> bool:
+    """An integer (NumPy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _same(value: Any, default: Any) -> bool:

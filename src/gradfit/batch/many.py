@@ -1,40 +1,52 @@
 """``gradfit fit-many``: long-form tables (one row per point) to one result row per group.
 
-Groups of any length are packed into a NaN-padded ``[K, N_max]`` batch (vectorised: one
-stable sort by group, no Python loop over groups), fitted with ``fit_batch``, and written
-chunk by chunk so a killed run loses at most one chunk.
+The input (``batch/sources.py``: a file, a folder of Parquet files or a glob) is read a unit
+at a time (a Parquet row group; a large text table by ranges of lines, ``batch/text_units.py``;
+a small one or an ``.npz`` whole), never all at once. One scan checks every unit and keeps
+its runs of group keys (``batch/plan.py``); tasks then fit the groups that lie whole in a unit
+as the input streams by, and gather only the groups that straddle units. Each chunk of a task
+is packed into a NaN-padded ``[K, N_max]`` batch, fitted with ``fit_batch`` and written to the
+parts folder (``batch/parts.py``), so a killed run loses at most a chunk and ``--resume``
+continues it. ``engine="dask"`` runs the same tasks on a Dask cluster
+(``batch/dask_engine.py``); the results are the same.
+
+The output has one row per group of the input. A file output (``.parquet``/``.csv``) lists
+the groups in the order of their first row in the input (files in sorted path order); a
+folder output (``out/``: one Parquet file per chunk and ``_manifest.json``) lists them part
+by part: the groups whole in a unit in input order, then those that straddled units.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 
-from gradfit.batch.fit_batch import batch_optimizer, default_chunk_size, fit_batch
+from gradfit.batch.fit_batch import TRIM_EVERY, batch_optimizer, default_chunk_size
+from gradfit.batch.malloc import release_freed_memory
+from gradfit.batch.parts import Job, PartStore, run_task
+from gradfit.batch.plan import Index, Task, UnitCache, UnitScan, build_index, plan_tasks, scan_unit
+from gradfit.batch.sources import Spec, Unit, find_units, memory_units
 from gradfit.batch.stream import SUFFIXES as OUTPUT_SUFFIXES
-from gradfit.errors import DataError, OptionError, OutputError
-from gradfit.fitting.checkpoint import data_hashes, mismatch, model_identity, plain
-from gradfit.io.files import (
-    check_parent,
-    make_parents,
-    remove_folders,
-    write_text_atomic,
-    writing,
-)
-from gradfit.io.tables import read_raw_table, to_float
-from gradfit.model.models import Model
+from gradfit.batch.stream import ResultStream
+from gradfit.errors import OptionError, OutputError
+from gradfit.fitting.checkpoint import model_identity, plain
+from gradfit.io.files import check_parent, writing
+from gradfit.model.models import Model, check_uses_independent
 from gradfit.model.parameters import ParameterSpace
 from gradfit.options import FitOptions, options_from
-from gradfit.results.batch_result import NO_DATA, STATUS_NAMES, BatchResult
+from gradfit.results.batch_result import NO_DATA, STATUS_NAMES, BatchResult, concat
 
-#: status of a group with no valid point; until batch_result names a ``no_data`` code, such
-#: groups are marked ``too_few_points`` (as fit_batch marks them)
+ENGINES = ("local", "dask")
 
 
 def pack_groups(
@@ -75,188 +87,98 @@ def pack_groups(
     return unique_in_order, packed
 
 
-def read_long(
-    path: Path, group: str, x: str, y: str, sigma: str | None, nan_policy: str = "raise"
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Read a long-form CSV/Parquet table, apply the NaN policy, and pack it by ``group``."""
-    table = read_raw_table(path)
-    wanted = [group, x, y, *([sigma] if sigma else [])]
-    for name in wanted:
-        if name not in table:
-            raise DataError(f"{path}: no column {name!r}; columns are {', '.join(table)}")
-    keys = table[group]
-    if keys.dtype == object and any(k is None for k in keys):
-        row = next(i for i, k in enumerate(keys) if k is None)
-        raise DataError(f"{path}: column {group!r} is empty at row {row}")
-    columns = {"x": to_float(table[x], f"{path}: column {x!r}")}
-    columns["y"] = to_float(table[y], f"{path}: column {y!r}")
-    if sigma:
-        columns["sigma"] = to_float(table[sigma], f"{path}: column {sigma!r}")
-        bad = np.isfinite(columns["sigma"]) & (columns["sigma"] <= 0)
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise DataError(
-                f"{path}: column {sigma!r} must be > 0, got {columns['sigma'][row]} at row {row}"
-            )
-    finite = np.ones(len(keys), dtype=bool)
-    for name, values in columns.items():
-        bad = ~np.isfinite(values)
-        if bad.any() and nan_policy == "raise":
-            row = int(np.argmax(bad))
-            column = {"x": x, "y": y, "sigma": sigma}[name]
-            raise DataError(
-                f"{path}: column {column!r} has a non-finite value ({values[row]}) at row {row}; "
-                "clean the data or use --nan-policy omit"
-            )
-        finite &= ~bad
-    if not finite.all():
-        return _omit_rows(np.asarray(keys), columns, finite)
-    return pack_groups(np.asarray(keys), columns)
-
-
-def _omit_rows(
-    keys: np.ndarray, columns: dict[str, np.ndarray], finite: np.ndarray
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``--nan-policy omit``: pack the finite rows; a group left with none keeps its row."""
-    kept, packed = pack_groups(keys[finite], {n: v[finite] for n, v in columns.items()})
-    every, packed = _with_empty_groups(keys, kept, packed)
-    n_empty = len(every) - len(kept)
-    groups = "1 group has" if n_empty == 1 else f"{n_empty} groups have"
-    empty = f"; {groups} no valid point left (status {STATUS_NAMES[NO_DATA]})"
-    print(f"note: --nan-policy omit dropped {int((~finite).sum())} rows with NaN or inf"
-          f"{empty if n_empty else ''}", file=sys.stderr)  # fmt: skip
-    return every, packed
-
-
-def _with_empty_groups(
-    keys: np.ndarray, kept: np.ndarray, packed: dict[str, np.ndarray]
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Every group of ``keys`` in the file's first-seen order (whichever rows were omitted);
-    those not in ``kept`` (all their rows were omitted) as all-NaN rows, so they keep a row in
-    the output (status no_data) instead of vanishing.
-
-    Example:
-        >>> keys = np.array(["a", "b", "c"])
-        >>> every, packed = _with_empty_groups(keys, keys[[0, 2]], {"y": np.array([[1.0], [3.0]])})
-        >>> every.tolist(), packed["y"].tolist()
-        (['a', 'b', 'c'], [[1.0], [nan], [3.0]])
-    """
-    unique, first = np.unique(keys, return_index=True)
-    every = unique[np.argsort(first, kind="stable")]  # the file's group order
-    if len(every) == len(kept) and (every == kept).all():
-        return kept, packed
-    sorter = np.argsort(every, kind="stable")
-    rows = sorter[np.searchsorted(every, kept, sorter=sorter)]  # each kept group's new row
-    widened = {}
-    for name, values in packed.items():
-        widened[name] = np.full((len(every), values.shape[1]), np.nan)
-        widened[name][rows] = values
-    return every, widened
-
-
-def read_wide(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """A ``.npz`` with ``x`` (``[N]`` or ``[K, N]``), ``y`` ``[K, N]`` and optional ``sigma``."""
-    arrays = read_raw_table(path)
-    for name in ("x", "y"):
-        if name not in arrays:
-            raise DataError(f"{path}: no array {name!r}; arrays are {', '.join(arrays)}")
-    y = np.asarray(arrays["y"], dtype=np.float64)
-    if y.ndim != 2:
-        raise DataError(f"{path}: y must be [K, N], got shape {y.shape}")
-    packed = {"x": np.asarray(arrays["x"], dtype=np.float64), "y": y}
-    if "sigma" in arrays:
-        packed["sigma"] = np.asarray(arrays["sigma"], dtype=np.float64)
-    return np.arange(y.shape[0]), packed
-
-
 def run_fit_many(
-    data: Path,
+    data: Any,
     *,
     model: Model,
     group: str | None,
     x: str,
     y: str,
     sigma: str | None,
-    out: Path,
+    out: str | Path,
     resume: bool = False,
     overwrite: bool = False,
     chunk_size: int | None = None,
     stop: Callable[[], bool] | None = None,
     progress: bool = False,
     options: FitOptions | None = None,
+    engine: str = "local",
+    workers: int | None = None,
+    scheduler: str | None = None,
+    client: Any = None,
     **keywords: Any,
 ) -> BatchResult | None:
-    """Fit every group of ``data``; write ``out`` (Parquet or CSV), chunk by chunk.
+    """Fit every group of ``data``; write ``out`` (a Parquet/CSV file, or a folder of Parquet
+    files when it ends with ``/``), chunk by chunk.
 
-    ``options`` (or the same as keywords: loss, optimizer, p0, ...) say how to fit. Returns
-    None when ``stop()`` turned true: finished chunks stay for ``resume``.
+    ``data`` is a path (file, folder of Parquet files, glob) or an in-memory ``pyarrow.Table``
+    or pandas DataFrame. ``options`` (or the same as keywords: loss, optimizer, p0, ...) say
+    how to fit. ``engine="dask"`` runs the tasks on ``client``, on the scheduler at
+    ``scheduler`` or on a new ``LocalCluster`` of ``workers`` processes. Returns None when
+    ``stop()`` turned true: finished chunks stay for ``resume``.
     """
     opts = options_from(options, **keywords)
-    nan_policy = opts.nan_policy  # also how the table is read: omitted rows, no_data groups
-    suffix = out.suffix.lower()
-    if suffix not in OUTPUT_SUFFIXES:
-        raise OptionError(f"--out {out}: use a .parquet or .csv file")
-    if out.is_dir():
-        raise OptionError(f"--out {out}: is a folder; give a .parquet or .csv file name")
-    if out.exists() and not (overwrite or resume):
-        raise OptionError(f"--out {out}: file exists; use --overwrite (or --resume)")
-    check_parent(out, "--out")
-    if data.suffix.lower() in (".npz", ".npy"):
-        keys, packed = read_wide(data)  # NaN marks padding in wide arrays
+    _check_engine(engine, workers, scheduler, client)
+    target = Target.of(out, overwrite=overwrite, resume=resume)
+    check_uses_independent(model)  # refused before anything is read or written
+    batch_optimizer(opts)
+    if isinstance(data, str | os.PathLike):
+        units = find_units(os.fspath(data), group=group)
     else:
-        if group is None:
-            raise OptionError("--group is required for long-form CSV/Parquet input")
-        keys, packed = read_long(data, group, x, y, sigma, nan_policy)
-    chunk_size = chunk_size or default_chunk_size(
-        packed["y"].shape[1], len(model.param_names), opts.device
-    )
-    if resume and not overwrite and out.exists() and not _PartStore.folder_of(out).exists():
-        raise OptionError(
-            f"--resume: {out} is complete (no {_PartStore.folder_of(out).name}/ left to "
-            "continue); use --overwrite to fit again"
+        units = memory_units(data)
+    if any(unit.kind == "wide" for unit in units) and len(units) > 1:
+        raise OptionError(f"{data}: a wide .npz input (curves as rows of y) is one file, alone")
+    if group is None and any(unit.kind != "wide" for unit in units):
+        raise OptionError("--group is required for long-form CSV/Parquet input")
+    spec = Spec(group, x, y, sigma, opts.nan_policy)
+    with _open_engine(engine, workers, scheduler, client) as runner:
+        index = build_index(runner.scan(units, spec), group)
+        if index.n_dropped:
+            _note_omitted(index)
+        chunk_size = chunk_size or default_chunk_size(
+            index.width, len(model.param_names), opts.device
         )
-    identity = run_identity(model, keys, packed, opts)
-    with writing(out, "--out"):  # a full disk names the file, and what was kept
-        parts = _PartStore(out, resume=resume, chunk_size=chunk_size, identity=identity)
-    stopped = stop or (lambda: False)
-    try:
-        fit_batch(
-            model, packed["x"], packed["y"], sigma=packed.get("sigma"),
-            chunk_size=parts.chunk_size,
-            on_chunk=lambda start, chunk: parts.write(
-                start, chunk, keys, group or "curve"
-            ),
-            skip_chunk=lambda start, stop: parts.done(start, stop) or stopped(), options=opts,
-            progress=progress,
-        )  # fmt: skip
-        if stopped():
-            return None
-        # the table is re-read from the parts, so fresh and resumed runs write the same thing
-        final = parts.combine(keys, group or "curve")
-        final.optimizer = batch_optimizer(opts)
-        final.fixed = tuple(opts.fixed or ())  # the parts' tables do not carry it
-        with writing(out, "--out"):
-            final.save(out)
-    except OutputError as error:  # a full disk: name the file, and what is kept
-        error.option = error.option or "--out"
-        if not parts.clean_if_empty():
-            error.note = f"the finished chunks are kept in {parts.folder}/ for --resume"
-        raise
-    except Exception:
-        parts.clean_if_empty()  # refused before any chunk was fitted: leave nothing behind
-        raise
-    parts.clean()
+        if resume and not overwrite and target.path.exists() and not target.parts.exists():
+            raise OptionError(
+                f"--resume: {target.path} is complete (no {target.parts.name}/ left to "
+                "continue); use --overwrite to fit again"
+            )
+        identity = run_identity(model, index.digests, opts)
+        with writing(target.path, "--out"):  # a full disk names the file, and what was kept
+            parts = PartStore(target.parts, resume=resume, chunk_size=chunk_size,
+                              identity=identity, manifest=target.manifest)  # fmt: skip
+        tasks = plan_tasks(index, units, parts.chunk_size)
+        _note_scattered(tasks, len(units), group)
+        job = Job(spec, model, opts, parts.chunk_size, str(parts.folder), group or "curve")
+        stopped = stop or (lambda: False)
+        try:
+            todo = [task for task in tasks if not parts.done(task)]
+            with _Progress(progress, tasks, todo, parts.chunk_size) as bar:
+                runner.fit(todo, job, stopped, bar)
+            if stopped():
+                return None
+            # the rows are re-read from the parts, so fresh and resumed runs write the same
+            with writing(target.path, "--out"):
+                final = target.commit(parts, tasks, job.key_name, opts)
+        except OutputError as error:  # a full disk: name the file, and what is kept
+            error.option = error.option or "--out"
+            if not parts.clean_if_empty():
+                error.note = f"the finished chunks are kept in {parts.folder}/ for --resume"
+            raise
+        except Exception:
+            parts.clean_if_empty()  # refused before any chunk was fitted: leave nothing behind
+            raise
     return final
 
 
 def run_identity(
-    model: Model, keys: np.ndarray, packed: dict[str, np.ndarray], options: FitOptions
+    model: Model, digests: dict[str, str | None], options: FitOptions
 ) -> dict[str, Any]:
-    """What a parts folder belongs to: model, options and a hash of each data array.
+    """What a parts folder belongs to: model, options and a hash of each data column.
 
     Every option that changes a row is here, ``epochs`` included (finished chunks are not
     continued, so rows fitted under other limits would mix); ``device``, ``chunk_size`` (the
-    folder's own is kept) and the progress bar may change on resume.
+    folder's own is kept), the engine and the progress bar may change on resume.
     """
     optimizer = batch_optimizer(options)
     space = ParameterSpace.build(model.param_names, options.bounds, options.fixed)
@@ -267,80 +189,189 @@ def run_identity(
         identity[name] = plain(getattr(options, name))
     identity["absolute_sigma"] = bool(options.absolute_sigma)
     identity["dtype"] = str(options.dtype or "torch.float64")
-    identity["data"] = data_hashes({"keys": keys, **packed})
+    identity["data"] = digests
     return cast(dict[str, Any], json.loads(json.dumps(identity)))  # as the manifest reads it back
 
 
-class _PartStore:
-    """Finished chunks as Parquet files in ``<out>.parts/``; the manifest holds the chunking
-    and the run's identity, so ``--resume`` continues only the same run."""
+def _note_omitted(index: Index) -> None:
+    """``--nan-policy omit``: say how many rows went, and how many groups have none left."""
+    n_empty = index.n_empty
+    groups = "1 group has" if n_empty == 1 else f"{n_empty} groups have"
+    empty = f"; {groups} no valid point left (status {STATUS_NAMES[NO_DATA]})"
+    print(f"note: --nan-policy omit dropped {index.n_dropped} rows with NaN or inf"
+          f"{empty if n_empty else ''}", file=sys.stderr)  # fmt: skip
 
-    def __init__(
-        self, out: Path, *, resume: bool, chunk_size: int, identity: dict[str, Any]
-    ) -> None:
-        self.folder = self.folder_of(out)
-        self._created: list[Path] = []
-        manifest = self.folder / "manifest.json"
-        if resume and manifest.exists():
-            saved = json.loads(manifest.read_text())
-            self._check(saved.get("identity"), identity)
-            self.chunk_size = int(saved["chunk_size"])
+
+def _note_scattered(tasks: list[Task], n_units: int, group: str | None) -> None:
+    """Say so when groups are scattered over the input: each task of them reads the units
+    they touch again (correct, but the input is read several times)."""
+    gathered = [task for task in tasks if task.straddlers]
+    passes = sum(len(task.units) for task in gathered) / max(n_units, 1)
+    if passes >= 2:
+        n_groups = sum(len(task.keys) for task in gathered)
+        print(f"note: {n_groups} groups are spread over many row groups or files: gathering "
+              f"them reads the input {passes:.0f} more times; sorting it by {group!r} avoids "
+              "that", file=sys.stderr)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Target:
+    """``--out``: a ``.parquet``/``.csv`` file, or a folder of Parquet parts (``out/``).
+
+    The parts are kept in ``<out>.parts/`` until every one is in; then a file output is
+    written from them atomically, and a folder output is that folder, renamed into place.
+    """
+
+    path: Path
+    folder: bool
+
+    @classmethod
+    def of(cls, out: str | Path, *, overwrite: bool, resume: bool) -> Target:
+        text = os.fspath(out)
+        folder = text.endswith(("/", os.sep))
+        path = Path(text)
+        if folder:
+            if path.exists() and not path.is_dir():
+                raise OptionError(f"--out {text}: is a file; name a folder (or a .parquet file)")
+            if path.exists() and not (overwrite or resume):
+                raise OptionError(f"--out {text}: folder exists; use --overwrite (or --resume)")
+        else:
+            if path.suffix.lower() not in OUTPUT_SUFFIXES:
+                raise OptionError(
+                    f"--out {path}: use a .parquet or .csv file, or a folder ending in /"
+                )
+            if path.is_dir():
+                raise OptionError(f"--out {path}: is a folder; give a .parquet or .csv file name")
+            if path.exists() and not (overwrite or resume):
+                raise OptionError(f"--out {path}: file exists; use --overwrite (or --resume)")
+        check_parent(path, "--out")
+        return cls(path, folder)
+
+    @property
+    def parts(self) -> Path:
+        return self.path.with_name(self.path.name + ".parts")
+
+    @property
+    def manifest(self) -> str:
+        return "_manifest.json" if self.folder else "manifest.json"
+
+    def commit(
+        self, parts: PartStore, tasks: list[Task], key_name: str, options: FitOptions
+    ) -> BatchResult:
+        """Put the finished output in place (written from the parts a few at a time, or the
+        parts folder renamed into place); return every row as one result."""
+        rows = []
+        stream = None if self.folder else ResultStream(self.path)
+        with stream or contextlib.nullcontext():
+            for table in parts.tables(tasks, reorder=not self.folder):
+                batch = BatchResult.from_table(table, key_name)
+                batch.optimizer = batch_optimizer(options)
+                batch.fixed = tuple(options.fixed or ())  # the parts' tables do not carry it
+                if stream is not None:
+                    stream.write(batch.to_arrow())
+                rows.append(batch)
+            if stream is not None:
+                stream.finish(complete=True)
+        if not rows:
+            raise OptionError("the input has no groups to fit")
+        if stream is not None:
+            parts.clean()
+        else:
+            old = self.path.with_name(f".{self.path.name}.replaced")
+            if self.path.exists():  # --overwrite: the old folder goes once the new is whole
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(self.path, old)
+            os.replace(parts.folder, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        return concat(rows)
+
+
+class Engine(Protocol):
+    """Runs the scan of every unit and the tasks: here (``local``) or on Dask."""
+
+    def scan(self, units: list[Unit], spec: Spec) -> list[UnitScan]: ...
+
+    def fit(
+        self, tasks: list[Task], job: Job, stop: Callable[[], bool], bar: _Progress
+    ) -> None: ...
+
+
+class LocalEngine:
+    """Units read one after another in this process; each task's chunks run side by side
+    on the CPU's cores (``fit_batch``)."""
+
+    def scan(self, units: list[Unit], spec: Spec) -> list[UnitScan]:
+        scans = []
+        for i, unit in enumerate(units):
+            scans.append(scan_unit(unit, spec))
+            if i % TRIM_EVERY == TRIM_EVERY - 1:
+                release_freed_memory()
+        return scans
+
+    def fit(self, tasks: list[Task], job: Job, stop: Callable[[], bool], bar: _Progress) -> None:
+        cache = UnitCache()  # a row group split over tasks is read once
+        for task in tasks:
+            if stop():
+                return
+            run_task(task, job, stop=stop, on_chunk=bar.advance, cache=cache)
+            # the units' arrays are freed into the heap, in holes of many sizes: give the
+            # pages back, so that the peak is one task's, not a fragmented sum of them
+            release_freed_memory()
+
+
+def _check_engine(engine: str, workers: int | None, scheduler: str | None, client: Any) -> None:
+    if engine not in ENGINES:
+        raise OptionError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "local" and (workers is not None or scheduler is not None or client is not None):
+        raise OptionError("--workers, --scheduler and client= need --engine dask")
+    if workers is not None and workers < 1:
+        raise OptionError(f"--workers must be at least 1, got {workers}")
+    if sum(v is not None for v in (workers, scheduler, client)) > 1:
+        raise OptionError("give one of --workers, --scheduler and client=, not several")
+
+
+@contextlib.contextmanager
+def _open_engine(
+    engine: str, workers: int | None, scheduler: str | None, client: Any
+) -> Iterator[Engine]:
+    if engine == "local":
+        yield LocalEngine()
+        return
+    from gradfit.batch.dask_engine import DaskEngine  # Dask is an optional extra
+
+    with DaskEngine.open(workers=workers, scheduler=scheduler, client=client) as runner:
+        yield runner
+
+
+class _Progress:
+    """A bar over chunks (parts) on a terminal, with the fits per second; a no-op elsewhere."""
+
+    def __init__(self, enabled: bool, tasks: list[Task], todo: list[Task], chunk: int) -> None:
+        self.bar: Any = None
+        self.fitted, self.started = 0, time.perf_counter()
+        if not (enabled and sys.stderr.isatty()):
             return
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        self._created = make_parents(manifest)  # the folder and any parent it needed
-        self.chunk_size = chunk_size
-        try:
-            write_text_atomic(
-                manifest, json.dumps({"chunk_size": self.chunk_size, "identity": identity})
-            )
-        except OutputError:
-            remove_folders(self._created)
-            raise
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    @staticmethod
-    def folder_of(out: Path) -> Path:
-        return out.with_name(out.name + ".parts")
+        total = sum(len(t.chunks(chunk)) for t in tasks)
+        left = sum(len(t.chunks(chunk)) for t in todo)
+        self.bar = Progress(
+            TextColumn("fitting groups: parts"), MofNCompleteColumn(), BarColumn(),
+            TextColumn("{task.fields[rate]}"), transient=True,
+        )  # fmt: skip
+        self.task = self.bar.add_task("fit", total=total, completed=total - left, rate="")
 
-    def _check(self, saved: dict[str, Any] | None, identity: dict[str, Any]) -> None:
-        if saved is None:  # an older gradfit's folder: it recorded no options to compare
-            raise OptionError(
-                f"--resume: {self.folder} does not record the options it was fitted with "
-                "(an older gradfit wrote it); drop --resume to start over"
-            )
-        different = mismatch(saved, identity)
-        if different is not None:  # refused before anything is written or removed
-            raise OptionError(
-                f"--resume: {self.folder} was written for {different}; resume with the "
-                "original options, or drop --resume to start over"
-            )
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
 
-    def _path(self, start: int) -> Path:
-        return self.folder / f"part-{start:012d}.parquet"
+    def advance(self, groups: int, parts: int = 1) -> None:
+        self.fitted += groups
+        if self.bar is not None:
+            rate = self.fitted / max(time.perf_counter() - self.started, 1e-9)
+            self.bar.update(self.task, advance=parts, rate=f"{rate:,.0f} fits/s")
 
-    def done(self, start: int, stop: int) -> bool:
-        return self._path(start).exists()
-
-    def write(self, start: int, chunk: BatchResult, keys: np.ndarray, key_name: str) -> None:
-        chunk.keys, chunk.key_name = keys[start : start + len(chunk)], key_name
-        chunk.to_parquet(self._path(start))
-
-    def combine(self, keys: np.ndarray, key_name: str) -> BatchResult:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        parts = sorted(self.folder.glob("part-*.parquet"))
-        table = pa.concat_tables([pq.read_table(p) for p in parts])
-        return BatchResult.from_table(table, key_name)
-
-    def clean(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-    def clean_if_empty(self) -> bool:
-        """Remove the folder (and the parents this run made for it) if it holds no part;
-        True if it did."""
-        if any(self.folder.glob("part-*.parquet")):
-            return False
-        self.clean()
-        remove_folders([folder for folder in self._created if folder != self.folder])
-        return True
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -279,6 +279,30 @@ def fit_command(
         Path | None,
         typer.Option(help="Continue from this checkpoint (and keep saving to it)."),
     ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Mini-batch training (gd, sgd, adam; default adam): one step per this many "
+            "rows, 100 epochs unless --epochs. A Parquet file or folder is then streamed by "
+            "row groups through a shuffle buffer of 2^20 rows, never loaded whole; with "
+            "--checkpoint, --checkpoint-every counts batches.",
+        ),
+    ] = None,
+    shuffle: Annotated[
+        bool, typer.Option("--shuffle/--no-shuffle", help="A new order of the rows every epoch.")
+    ] = True,
+    validation: Annotated[
+        float | None,
+        typer.Option(
+            help="Hold out this fraction of the rows (Parquet: of its row groups), chosen by "
+            "--seed; keep the parameters with the best validation loss."
+        ),
+    ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(help="Stop after this many epochs without a better validation loss."),
+    ] = None,
 ) -> None:
     """Fit MODEL to the columns of DATA; write results.json, fit.png, history.png to --out.
 
@@ -298,7 +322,8 @@ def fit_command(
                 options = fit_options(
                     p0=p0, bounds=bounds, fix=fix, tie=tie, loss=loss, f_scale=f_scale,
                     optimizer=optimizer, lr=lr, epochs=epochs, tol=tol, seed=seed,
-                    nan_policy=nan_policy, absolute_sigma=absolute_sigma,
+                    nan_policy=nan_policy, absolute_sigma=absolute_sigma, batch_size=batch_size,
+                    shuffle=shuffle, validation=validation, patience=patience,
                 )  # fmt: skip
                 result, found = run_fit(
                     data, x=x, y=y, model=model, sigma=sigma, options=options, out=out,
@@ -338,10 +363,19 @@ def fit_command(
 @app.command(name="fit-many")
 def fit_many_command(
     data: Annotated[
-        Path, typer.Argument(help="Long-form CSV/TSV/text/Parquet, or wide .npz (x, y).")
+        Path,
+        typer.Argument(
+            help="Long-form CSV/TSV/text/Parquet, a folder of Parquet files, a quoted glob, "
+            "or wide .npz (x, y)."
+        ),
     ],
     model: ModelText,
-    out: Annotated[Path, typer.Option("--out", help="Results: one row per group (.parquet/.csv).")],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out", help="Results: one row per group (.parquet/.csv, or a folder: end with /)."
+        ),
+    ],
     group: Annotated[str | None, typer.Option("--group", help="Group key column.")] = None,
     x: Annotated[str, typer.Option("--x", help="x column.")] = "x",
     y: Annotated[str, typer.Option("--y", help="y column.")] = "y",
@@ -364,6 +398,22 @@ def fit_many_command(
     absolute_sigma: AbsoluteSigma = False,
     resume: Annotated[bool, typer.Option("--resume", help="Skip chunks already written.")] = False,
     overwrite: Overwrite = False,
+    engine: Annotated[
+        str, typer.Option("--engine", help="local (this process) or dask (a Dask cluster).")
+    ] = "local",
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Dask: a LocalCluster of N processes.")
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option("--scheduler", help="Dask: a running scheduler, tcp://host:port.")
+    ] = None,
+    shared: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--shared",
+            help="Parameters shared by every group: one global fit (repeat, or join with ,).",
+        ),
+    ] = None,
 ) -> None:
     """Fit MODEL to every group of DATA at once; write one row of params ± stderr per group.
 
@@ -381,10 +431,19 @@ def fit_many_command(
                     optimizer=optimizer, lr=lr, epochs=epochs, tol=tol, dtype=dtype,
                     device=device, nan_policy=nan_policy, absolute_sigma=absolute_sigma,
                 )  # fmt: skip
+                if shared:  # one global fit (batch/many_shared.py), not chunks of groups
+                    if engine != "local":
+                        raise fail("--shared runs one global fit in this process: drop --engine")
+                    _fit_many_shared(
+                        data, model=model, shared=shared, out=Path(out), group=group, x=x,
+                        y=y, sigma=sigma, options=options, resume=resume, overwrite=overwrite,
+                    )  # fmt: skip
+                    return
                 result = run_fit_many_command(
                     data, model=model, out=out, group=group, x=x, y=y, sigma=sigma,
                     options=options, chunk_size=chunk_size, resume=resume,
-                    overwrite=overwrite, stop=lambda: stop.requested,
+                    overwrite=overwrite, stop=lambda: stop.requested, engine=engine,
+                    workers=workers, scheduler=scheduler,
                 )  # fmt: skip
         except GradfitError as error:
             raise fail(str(error)) from None
@@ -398,6 +457,24 @@ def fit_many_command(
         raise typer.Exit(stop.exit_code)
     console.print(result.summary(), highlight=False, markup=False)
     console.print(f"wrote {out} ({len(result)} rows)", highlight=False)
+
+
+def _fit_many_shared(data: Path, *, model: str, shared: list[str], x: str, **given: Any) -> None:
+    """``fit-many --shared``: fit, write, print the summary and the shared values; a failed
+    global fit exits 3."""
+    from gradfit.batch.many_shared import parse_shared, run_fit_many_shared
+    from gradfit.cli.commands import build_model
+    from gradfit.optim.status import FAILED
+
+    the_model, _ = build_model(model, [x])
+    result, common = run_fit_many_shared(
+        data, model=the_model, shared=parse_shared(shared), x=x, **given
+    )
+    console.print(result.summary(), highlight=False, markup=False)
+    console.print(common.summary(), highlight=False, markup=False)
+    console.print(f"wrote {given['out']} ({len(result)} rows)", highlight=False)
+    if common.status in FAILED:
+        raise fail(f"the global fit failed ({common.status}): {common.message}", EXIT_FAILED)
 
 
 @app.command()

@@ -15,8 +15,10 @@ import torch
 from gradfit.cli.outputs import check_output_dir, output_dir
 from gradfit.cli.parsing import parse_assignments, parse_bounds
 from gradfit.errors import OptionError, OutputError
+from gradfit.fitting import distributed
 from gradfit.fitting.fit import check_model_name, fit
 from gradfit.io.files import check_parent, write_text_atomic
+from gradfit.io.streamed import STREAM_ROWS, is_parquet, parquet_rows
 from gradfit.io.tables import prepare_data, read_table
 from gradfit.model.composite import parse_composite
 from gradfit.model.models import Model, get_builtin
@@ -103,6 +105,11 @@ def run_fit(
     """
     if intervals is not None:
         check_intervals(intervals, options)
+    # under torchrun: rank 0 alone writes and prints (the others' stdout goes nowhere)
+    where = distributed.group(torch.device(options.device or "cpu"))
+    distributed.quiet_unless_leader(where)
+    if where is not None and not where.leader:
+        out, report, intervals = None, False, None
     x_columns = [c.strip() for c in x.split(",") if c.strip()]
     the_model, named = build_model(model, x_columns)
     if intervals == "bootstrap" and named:  # results/intervals.py resamples one positional x
@@ -123,6 +130,14 @@ def run_fit(
             f"--checkpoint {checkpoint}: file exists; continue it with --resume {checkpoint} "
             "or start over with --overwrite"
         )
+    if _streamed(data, options):  # read by row groups, never loaded whole
+        if intervals is not None:
+            raise OptionError("--intervals refits the whole data: not with a streamed "
+                              "--batch-size fit")  # fmt: skip
+        result = _fit_streamed(data, the_model, x_columns, y, sigma, named, options, hook,
+                               checkpoint, checkpoint_every, resume)  # fmt: skip
+        return _finish_fit(result, data, x, x_columns, y, options, out, overwrite, report,
+                           None, None, where)  # fmt: skip
     columns = read_table(data, [*x_columns, y, *([sigma] if sigma else [])])
     x_values = {c: columns[c] for c in x_columns} if named else columns[x_columns[0]]
     sigma_values = columns[sigma] if sigma else None
@@ -142,10 +157,68 @@ def run_fit(
     except OutputError as error:  # a checkpoint that could not be saved (a full disk)
         error.option = error.option or "--checkpoint"
         raise
+    return _finish_fit(result, data, x, x_columns, y, options, out, overwrite, report,
+                       intervals, None, where)  # fmt: skip
+
+
+def _streamed(data: Path, options: FitOptions) -> bool:
+    """Parquet streamed by row groups: with ``--batch-size``; for lm, a folder or a file of
+    more than ``STREAM_ROWS`` rows (others are read whole, as every table)."""
+    if not is_parquet(data):
+        return False
+    if options.batch_size is not None:
+        return True
+    large = data.is_dir() or parquet_rows(data) > STREAM_ROWS
+    return large and options.resolve(batched=False) == "lm"
+
+
+def _fit_streamed(
+    data: Path,
+    model: Model,
+    x_columns: list[str],
+    y: str,
+    sigma: str | None,
+    named: bool,
+    options: FitOptions,
+    hook: Hook | None,
+    checkpoint: Path | None,
+    checkpoint_every: int | None,
+    resume: Path | None,
+) -> FitResult:
+    """``--batch-size`` on a Parquet file or folder: ``fitting/streamed.py``."""
+    from gradfit.fitting.streamed import Columns, fit_streamed
+    from gradfit.io.streamed import ParquetRows
+
+    columns = Columns(x_columns, y, sigma, named)
+    source = ParquetRows(data, columns.all)
+    try:
+        return fit_streamed(
+            model, source, columns, options, hook=hook, progress=True, checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every, resume=resume,
+        )  # fmt: skip
+    except OutputError as error:
+        error.option = error.option or "--checkpoint"
+        raise
+
+
+def _finish_fit(
+    result: FitResult,
+    data: Path,
+    x: str,
+    x_columns: list[str],
+    y: str,
+    options: FitOptions,
+    out: Path | None,
+    overwrite: bool,
+    report: bool,
+    intervals: str | None,
+    found: Intervals | None,
+    where: distributed.Group | None,
+) -> tuple[FitResult, Intervals | None]:
+    """Labels, provenance, intervals, the --out folder (rank 0) and the warnings."""
     # the figures' axes carry the table's column names
     result.data["labels"] = {"x": x_columns[0] if len(x_columns) == 1 else x, "y": y}
     result.provenance = {"input": str(data), "command": list(sys.argv)}
-    found = None
     if intervals is not None and result.status not in (*FAILED, "interrupted"):
         found = result.confidence_intervals(
             INTERVAL_LEVEL, intervals, seed=options.seed, options=options
@@ -153,7 +226,8 @@ def run_fit(
     if out is not None:
         with output_dir(out, overwrite=overwrite) as folder:
             write_outputs(result, folder, report, found, method=intervals or "profile")
-    print_warnings(result)
+    if where is None or where.leader:
+        print_warnings(result)
     return result, found
 
 
@@ -247,7 +321,7 @@ def run_fit_many_command(
     data: Path,
     *,
     model: str,
-    out: Path,
+    out: str | Path,
     group: str | None,
     x: str,
     y: str,
@@ -257,12 +331,20 @@ def run_fit_many_command(
     resume: bool,
     overwrite: bool,
     stop: Callable[[], bool] | None = None,
+    engine: str = "local",
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> BatchResult | None:
-    """``many.run_fit_many`` with the CLI's model text; None when a signal stopped the run."""
+    """``many.run_fit_many`` with the CLI's model text; None when a signal stopped the run.
+
+    ``--engine dask`` without ``--scheduler`` starts a LocalCluster of ``--workers``
+    processes (default: one per core).
+    """
     from gradfit.batch.many import run_fit_many
 
     the_model, _ = build_model(model, [x])
     return run_fit_many(
         data, model=the_model, group=group, x=x, y=y, sigma=sigma, out=out, resume=resume,
         overwrite=overwrite, chunk_size=chunk_size, stop=stop, progress=True, options=options,
+        engine=engine, workers=workers, scheduler=scheduler,
     )  # fmt: skip

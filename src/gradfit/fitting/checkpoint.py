@@ -162,8 +162,17 @@ def mismatch(saved: Mapping[str, Any], given: Mapping[str, Any]) -> str | None:
     return None
 
 
-def save_checkpoint(path: str | Path, state: LoopState, identity: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically (a kill leaves the previous checkpoint whole)."""
+def save_checkpoint(
+    path: str | Path,
+    state: LoopState,
+    identity: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``state`` to ``path`` atomically (a kill leaves the previous checkpoint whole).
+
+    ``extra``: what a loop carries besides ``state`` (mini-batch training: the position in the
+    epoch and the batches' generator, ``minibatch.EpochPosition``); tensors, numbers, lists.
+    """
     assert state.best_theta is not None
     payload = {
         "format": FORMAT,
@@ -177,6 +186,7 @@ def save_checkpoint(path: str | Path, state: LoopState, identity: dict[str, Any]
         "best_loss": state.best_loss,
         "best_theta": state.best_theta.detach(),
         "rng_state": torch.get_rng_state(),
+        "extra": extra or {},
     }
     return write_with(Path(path), lambda tmp: _save_synced(payload, tmp))
 
@@ -207,8 +217,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: str | Path, identity: dict[str, Any], device: torch.device) -> LoopState:
-    """The ``LoopState`` saved in ``path``, after checking it belongs to ``identity``.
+def load_checkpoint(
+    path: str | Path,
+    identity: dict[str, Any],
+    device: torch.device,
+    extra: dict[str, Any] | None = None,
+) -> LoopState:
+    """The ``LoopState`` saved in ``path``, after checking it belongs to ``identity``;
+    ``extra`` (a dict) receives what ``save_checkpoint`` was given as its ``extra``.
 
     Parameters go to ``device``; the optimizer state stays on the CPU for the optimizer to
     restore into its own layout (``fitting`` copies it into a fresh ``init``).
@@ -237,6 +253,8 @@ def load_checkpoint(path: str | Path, identity: dict[str, Any], device: torch.de
             best_theta=payload["best_theta"].to(device),
         )
         torch.set_rng_state(payload["rng_state"])
+        if extra is not None:
+            extra.update(payload["extra"])
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: incomplete or damaged checkpoint ({error!r})") from None
     return state

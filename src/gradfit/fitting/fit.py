@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradfit.errors import ModelError, OptionError, unknown_name
+from gradfit.errors import CheckpointError, DataError, ModelError, OptionError, unknown_name
 from gradfit.fitting import checkpoint as checkpoints
+from gradfit.fitting import distributed, minibatch
 from gradfit.fitting.loop import run_loop
-from gradfit.fitting.progress import progress_bar
+from gradfit.fitting.minibatch import Rows
+from gradfit.fitting.progress import epoch_bar, progress_bar
 from gradfit.io.files import check_parent
 from gradfit.io.tables import prepare_data
 from gradfit.model.losses import Loss
@@ -58,6 +61,10 @@ def fit(
     absolute_sigma: bool = False,
     nan_policy: str = "raise",
     seed: int | None = None,
+    batch_size: int | None = None,
+    shuffle: bool = True,
+    validation: float | tuple[Any, Any] | None = None,
+    patience: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
@@ -86,6 +93,18 @@ def fit(
             ``sgd``, ``adam``, ``lbfgs``.
         lr, epochs, tol: learning rate, epoch (LM: iteration) limit, relative loss-change stop.
         absolute_sigma: take ``sigma`` as absolute (do not rescale the covariance by χ²ᵣ).
+        seed: the random seed; with ``batch_size`` also the batches' order and the held-out
+            validation rows (a generator of their own: ``fitting/minibatch.py``).
+        batch_size, shuffle: mini-batch training for gd, sgd, adam (``auto``: adam): one step
+            per batch of ``batch_size`` rows, a new order every epoch unless ``shuffle`` is
+            False; ``history`` is the mean training loss per epoch, ``epochs`` defaults to 100.
+        validation, patience: a fraction of the rows to hold out (by ``seed``), or
+            ``(x_val, y_val)`` (or with ``sigma_val``): the validation loss per epoch in
+            ``result.validation_history``; the parameters with the best one are the result
+            (and its statistics are those of the training rows); ``patience`` epochs without
+            a better one stop the fit with status ``"early_stopped"`` (not converged).
+            Under ``torchrun`` (``WORLD_SIZE`` > 1) each process takes its part of each batch
+            (``fitting/distributed.py``); lm takes its part of the rows.
         dtype: float64 unless given.
         progress: a bar on a terminal for gd, sgd, adam and lbfgs; none for lm, whose fits
             take milliseconds and whose compiled kernel has no per-iteration hook.
@@ -111,7 +130,8 @@ def fit(
     opts = options_from(
         options, loss=loss, f_scale=f_scale, optimizer=optimizer, lr=lr, epochs=epochs,
         tol=tol, p0=p0, bounds=bounds, fixed=fixed, ties=ties, absolute_sigma=absolute_sigma,
-        nan_policy=nan_policy, dtype=dtype, device=device, seed=seed,
+        nan_policy=nan_policy, dtype=dtype, device=device, seed=seed, batch_size=batch_size,
+        shuffle=shuffle, validation=validation, patience=patience,
     )  # fmt: skip
     if opts.seed is not None:
         torch.manual_seed(opts.seed)
@@ -146,6 +166,15 @@ def fit(
     problem = Problem(model, data.x, data.y, loss_fn, space)
     theta = space.to_theta(p_start.unsqueeze(0))[0]
     lr = opts.learning_rate(optimizer)
+    where = distributed.group(data.y.device)
+    if where is not None:
+        _check_distributable(where, optimizer, opts, data.y, bool(checkpoint or resume))
+    if opts.batch_size is not None:
+        return _fit_minibatch(
+            problem, theta, p_start, optimizer, opts, where, data.n_omitted, hook=hook,
+            progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+            resume=resume, tied=tied,
+        )  # fmt: skip
     identity = {}
     if checkpoint or resume:  # tol and the start decide the result as much as the model does
         identity = checkpoints.identify(problem, optimizer, lr, tol=opts.tol, p0=p_start)
@@ -153,21 +182,170 @@ def fit(
         state = checkpoints.load_checkpoint(resume, identity, theta.device)
     else:
         state = LoopState(theta.detach().clone().requires_grad_(optimizer != "lm"))
-    if checkpoint is not None:
+    leader = where is None or where.leader  # rank 0 alone writes
+    if checkpoint is not None and leader:
         every = _checkpoint_every(checkpoint_every, optimizer, checkpoint)
         hook = chain_hooks(hook, checkpoints.checkpoint_hook(checkpoint, state, identity, every))
     epoch_limit = opts.epoch_limit(optimizer)
     # no bar for lm: it would need every iteration, which would cost it its compiled kernel
-    bar = progress and optimizer != "lm"
-    with progress_bar(hook, epoch_limit or 0) if bar else contextlib.nullcontext(hook) as hooks:
-        outcome = _optimise(problem, state, optimizer, lr, epoch_limit, opts.tol, hooks)
-    if checkpoint is not None and outcome.status != "diverged":  # resumable where it stopped
+    bar = progress and optimizer != "lm" and leader
+    if where is not None:  # lm (_check_distributable): this rank's part of the rows
+        share = Rows(data.x, data.y, data.sigma).take(distributed.my_part(data.n_points, where))
+        outcome = distributed.run_lm_shared(
+            problem, share.problem(problem), state, where, max_iter=epoch_limit, tol=opts.tol,
+            hook=hook,
+        )  # fmt: skip
+    else:
+        with progress_bar(hook, epoch_limit or 0) if bar else contextlib.nullcontext(hook) as hk:
+            outcome = _optimise(problem, state, optimizer, lr, epoch_limit, opts.tol, hk)
+    if checkpoint is not None and outcome.status != "diverged" and leader:  # resumable there
         checkpoints.save_checkpoint(checkpoint, state, identity)
     result = _result(problem, outcome, optimizer, data.n_omitted, opts.absolute_sigma, p_start)
     if model.numerical:  # said in message too, which results.json keeps
         result.jacobian = "numerical"
         result.message += "; Jacobian by finite differences (a NumPy model)"
     return result if tied is None else _with_tied(result, tied)
+
+
+def _check_distributable(
+    where: distributed.Group, optimizer: str, opts: FitOptions, y: Tensor, checkpoint: bool
+) -> None:
+    """Under torchrun: lm, or mini-batch gd/sgd/adam, on the same data on every rank."""
+    if opts.batch_size is None and optimizer != "lm":
+        raise OptionError(
+            f"under torchrun (WORLD_SIZE={where.world}), fit runs lm or mini-batch gd, sgd, "
+            f"adam: give batch_size for {optimizer!r}"
+        )
+    if opts.batch_size is None and checkpoint:
+        raise OptionError(
+            "under torchrun, lm takes no checkpoint (it restarts from the saved parameters "
+            "anyway; run it again)"
+        )
+    # every rank holds the arrays it was given: they must be the same arrays
+    where.check_same("data (y)", torch.stack([y.new_tensor(y.numel()), y.sum(), y.square().sum()]))
+
+
+def _fit_minibatch(
+    problem: Problem,
+    theta: Tensor,
+    p_start: Tensor,
+    optimizer: str,
+    opts: FitOptions,
+    where: distributed.Group | None,
+    n_omitted: int,
+    *,
+    hook: Hook | None,
+    progress: bool,
+    checkpoint: str | Path | None,
+    checkpoint_every: int | None,
+    resume: str | Path | None,
+    tied: Tied | None,
+) -> FitResult:
+    """``fit`` with ``batch_size``: ``fitting/minibatch.py``'s epochs on rows in memory."""
+    assert opts.batch_size is not None
+    seed = opts.seed
+    if seed is None and where is not None:  # every rank must draw the same batches
+        seed = where.broadcast_int(secrets.randbits(62))
+    generator = minibatch.new_generator(seed)
+    rows = Rows(problem.x, problem.y, problem.loss.sigma)
+    validation = None
+    if isinstance(opts.validation, tuple | list):
+        held = _validation_rows(problem, opts.validation, opts)
+        validation = minibatch.Validation.of_rows(held, opts.patience)
+    elif opts.validation is not None:
+        train, held_out = minibatch.split_validation(rows.n, float(opts.validation), generator)
+        device = problem.y.device
+        if len(train) < len(problem.space.free):
+            raise OptionError(
+                f"validation={opts.validation} leaves {len(train)} training rows for "
+                f"{len(problem.space.free)} free parameters"
+            )
+        held_rows = rows.take(held_out.to(device))
+        validation = minibatch.Validation.of_rows(held_rows, opts.patience)
+        rows = rows.take(train.to(device))
+        problem = rows.problem(problem)  # the statistics are the training rows'
+    step = FIRST_ORDER[optimizer](lr=opts.learning_rate(optimizer))
+    identity: dict[str, Any] = {}
+    if checkpoint or resume:
+        held_id = (
+            checkpoints.data_hashes(dict(zip(("x", "y", "sigma"), opts.validation, strict=False)))
+            if isinstance(opts.validation, tuple | list)
+            else opts.validation
+        )
+        identity = checkpoints.identify(
+            problem, optimizer, step.lr, tol=opts.tol, p0=p_start, batch_size=opts.batch_size,
+            shuffle=opts.shuffle, seed=opts.seed, validation=held_id,
+        )  # fmt: skip
+    position = minibatch.EpochPosition(generator.get_state())
+    if resume is not None:
+        saved: dict[str, Any] = {}
+        state = checkpoints.load_checkpoint(resume, identity, theta.device, extra=saved)
+        if "minibatch" not in saved:
+            raise CheckpointError(f"{resume}: not a mini-batch checkpoint")
+        position = minibatch.EpochPosition.from_payload(saved["minibatch"])
+    else:
+        state = LoopState(theta.detach().clone().requires_grad_())
+    state.optimizer_state = checkpoints.restore_into(step.init(state.theta), state.optimizer_state)
+    leader = where is None or where.leader
+    save = None
+    every = 0
+    if checkpoint is not None and leader:
+        every = _checkpoint_every(checkpoint_every, optimizer, checkpoint)
+
+        def save() -> None:
+            extra = {"minibatch": position.to_payload()}
+            checkpoints.save_checkpoint(checkpoint, state, identity, extra=extra)
+
+    if where is None:
+        batches = minibatch.InMemory(rows, opts.batch_size, opts.shuffle)
+        runner = minibatch.local_step(step)
+    else:
+        batches = minibatch.InMemory(rows, opts.batch_size, opts.shuffle, where.rank, where.world)
+        runner = distributed.shared_step(step, where)
+    epochs = opts.epoch_limit(optimizer)
+    assert epochs is not None
+    bar = progress and leader
+    shown = epoch_bar(hook, epochs, position.validation_history)
+    with shown if bar else contextlib.nullcontext((hook, None)) as (hooks, on_step):
+        if where is not None:  # a stop asked on any rank stops every rank at the same epoch
+            hooks = distributed.agreed_hook(hooks, where)
+        outcome = minibatch.run_epochs(
+            problem, state, position, batches, runner, generator, epochs=epochs, tol=opts.tol,
+            hook=hooks, validation=validation, save=save, save_every=every, on_step=on_step,
+            stop_now=minibatch.asks_stop(hook) if where is None else None,
+        )  # fmt: skip
+    if save is not None and outcome.status != "diverged":  # resumable where it stopped
+        save()
+    result = _result(problem, outcome, optimizer, n_omitted, opts.absolute_sigma, p_start)
+    result.validation_history = list(position.validation_history)
+    if outcome.status == "early_stopped":  # the diagnosis knows no such status yet
+        result.warnings = [
+            f"not converged: {outcome.message}" if w.startswith("fit failed (early_stopped)")
+            else w
+            for w in result.warnings
+        ]  # fmt: skip
+    return result if tied is None else _with_tied(result, tied)
+
+
+def _validation_rows(problem: Problem, given: Any, opts: FitOptions) -> Rows:
+    """An explicit ``(x_val, y_val[, sigma_val])``, checked as the training data are."""
+    if len(given) not in (2, 3):
+        raise OptionError(f"validation takes (x_val, y_val) or (x_val, y_val, sigma_val), "
+                          f"got {len(given)} items")  # fmt: skip
+    sigma = given[2] if len(given) == 3 else None
+    if (sigma is None) != (problem.loss.sigma is None):
+        raise OptionError(
+            "validation data need sigma_val exactly when the fit has sigma: "
+            "(x_val, y_val, sigma_val)"
+        )
+    try:
+        held = prepare_data(
+            given[0], given[1], sigma, independent=problem.model.independent,
+            nan_policy=opts.nan_policy, dtype=problem.y.dtype, device=problem.y.device,
+        )  # fmt: skip
+    except DataError as error:
+        raise DataError(f"validation data: {error}") from None
+    return Rows(held.x, held.y, held.sigma)
 
 
 def _with_tied(result: FitResult, tied: Tied) -> FitResult:

@@ -1,9 +1,13 @@
 """``gradfit.fit_global``: one model fitted to several datasets, some parameters shared.
 
-The datasets are stacked into one least-squares problem whose model evaluates the user's
-model on each dataset's slice with that dataset's parameters, and ``gradfit.fit`` solves it:
-one Levenberg–Marquardt fit (or any other optimizer) over the stacked residuals, and one
-``FitResult`` whose statistics are those of the stacked problem.
+The datasets form one least-squares problem over the stacked residuals, and one
+``FitResult`` whose statistics are those of the stacked problem. For LM on plain least
+squares with an expression model, the block solver (``optim/block_lm.py`` through
+``optim/shared_lm.py``) fits it: dataset i's residuals depend only on its own and the shared
+parameters, so each iteration factors K small blocks and one shared one. Otherwise (another
+optimizer or loss, a function model, per-dataset fixed values or bounds, a hook or
+checkpoint) a stacked model evaluates the user's model on each dataset's slice and
+``gradfit.fit`` solves the dense problem.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,7 +24,11 @@ from gradfit.errors import DataError, OptionError, unknown_name
 from gradfit.fitting.fit import check_model_name, fit
 from gradfit.io.tables import FitData, prepare_data
 from gradfit.model.models import Model, Variables, as_model, check_uses_independent
+from gradfit.model.parameters import ParameterSpace
+from gradfit.optim.problem import LoopOutcome, Problem
+from gradfit.optim.shared_lm import PLAIN_LOSSES, SharedSolution, solve_shared
 from gradfit.options import FitOptions, options_from
+from gradfit.results import stats
 from gradfit.results.fit_result import FitResult
 
 Tensor = torch.Tensor
@@ -43,9 +52,11 @@ def fit_global(
     order, each shared name or its copies ``name_0, name_1, ...``. The datasets are stacked
     into one problem and fitted by ``gradfit.fit``: one fit over all residuals, with the
     statistics of the stacked problem (the covariance scaled by the stacked χ²ᵣ unless
-    ``absolute_sigma``, as ``curve_fit``). The block structure of the Jacobian (each dataset
-    depends only on its own and the shared parameters) is not exploited: the solver sees one
-    dense problem with ``len(shared) + K * (P - len(shared))`` parameters.
+    ``absolute_sigma``, as ``curve_fit``). LM on mse/sse/chi2 with an expression model of one
+    variable runs the block solver (each dataset depends only on its own and the shared
+    parameters; the covariance is assembled from the blocks of (JᵀJ)⁻¹); anything else (see
+    the module's docstring) one dense problem with ``len(shared) + K * (P - len(shared))``
+    parameters through ``gradfit.fit``.
 
     Args:
         model: as for ``gradfit.fit`` (an expression, built-in name, ``Model``, function or
@@ -96,10 +107,14 @@ def fit_global(
         raise OptionError("datasets is empty; give at least one (x, y) or (x, y, sigma)")
 
     layout = _Layout(base_names, shared_set, len(data))
+    start = layout.start(p0, [_own_start(base, d, dtype) for d in data], dtype)
+    if _blocks_apply(base, opts, fit_options, data, shared_set):
+        result = _fit_in_blocks(base, layout, data, start, opts)
+        result.n_omitted = sum(d.n_omitted for d in data)
+        return result
     x, y, sigma = _stack(data, dtype)
     bounds = layout.expand("bounds", opts.bounds)
     fixed = layout.expand("fixed", opts.fixed)
-    start = layout.start(p0, [_own_start(base, d, dtype) for d in data], dtype)
     options = dataclasses.replace(
         opts, p0=start, bounds=bounds, fixed=fixed, nan_policy="raise", dtype=dtype
     )
@@ -263,3 +278,123 @@ def _stacked_model(base: Model, layout: _Layout, lengths: list[int]) -> Model:
     model.formula = f"{base.formula} on {layout.k} datasets (shared: {shown})"
     model.name = model.formula
     return model
+
+
+def _blocks_apply(
+    base: Model,
+    opts: FitOptions,
+    extra: Mapping[str, Any],
+    data: list[FitData],
+    shared: frozenset[str],
+) -> bool:
+    """Whether the block solver (``optim/block_lm.py``) fits this problem: LM on plain least
+    squares, an expression model of one variable (evaluated batched over the datasets), fixed
+    values and bounds the same for every dataset (base names), nothing that needs the dense
+    loop (a hook, a checkpoint, a progress bar, ties)."""
+    if extra or opts.ties or base.expression is None or len(base.independent) != 1:
+        return False
+    try:
+        optimizer = opts.resolve(batched=False)
+    except OptionError:
+        return False  # the dense path says why
+    if optimizer != "lm" or opts.loss_fn.name not in PLAIN_LOSSES:
+        return False
+    if opts.loss_fn.name == "chi2" and all(d.sigma is None for d in data):
+        return False  # the dense path refuses it with its own message
+    names = set(base.param_names)
+    if not all(set(given or ()) <= names for given in (opts.fixed, opts.bounds)):
+        return False
+    # a dataset too short for its own parameters makes the problem singular: the dense path
+    # fits it as it always has (and warns)
+    n_local = len(names - set(opts.fixed or ()) - shared)
+    return all(d.n_points >= max(n_local, 1) for d in data)
+
+
+def _fit_in_blocks(
+    base: Model, layout: _Layout, data: list[FitData], start: Tensor, opts: FitOptions
+) -> FitResult:
+    """``fit_global`` by the block solver: the datasets padded into one ``[K, N_max]`` batch,
+    the statistics assembled from the blocks of (JᵀJ)⁻¹ into the usual ``FitResult``."""
+    K, dtype = layout.k, start.dtype
+    index = torch.tensor(layout.index, device=start.device)  # [K, P] global positions
+    padded = _padded(data, dtype)
+    space = ParameterSpace.build(base.param_names, opts.bounds, opts.fixed)
+    per_group = start[index]  # [K, P]
+    space.check_start(per_group)
+    solution = solve_shared(
+        base, padded, per_group, layout.shared, space, max_iter=opts.epochs, tol=opts.tol
+    )
+    mask = padded["mask"]
+    assert mask is not None and bool(solution.fitted.all())  # every dataset has enough points
+    global_space = ParameterSpace.build(
+        layout.names, layout.expand("bounds", opts.bounds), layout.expand("fixed", opts.fixed)
+    )
+    params = start.new_empty(len(layout.names))
+    params[index.reshape(-1)] = solution.params.reshape(-1)
+    # the global positions of the block covariance's rows: locals group by group, then shared
+    order = [layout.index[i][j] for i in range(K) for j in solution.local]
+    order += [layout.index[0][j] for j in solution.shared]
+    scale = 1.0 if opts.absolute_sigma else solution.reduced_chi2
+    P = len(layout.names)
+    cov = params.new_zeros(P, P)
+    cov[[[i] for i in order], order] = solution.covariance.covariance() * scale
+    x, y, sigma = _stack(data, dtype)
+    r = solution.residuals[mask]
+    y_pred = y + (r if sigma is None else r * sigma)
+    fit_stats = stats.goodness(y, y_pred, r, len(order))
+    loss_fn = opts.loss_fn.with_options(sigma=sigma)
+    to_loss = 2.0 if loss_fn.reduction == "sum" else 2.0 / y.shape[0]
+    solver = solution.solver
+    outcome = LoopOutcome(
+        params, solver.cost * to_loss, [c * to_loss for c in solver.history],
+        solution.status, solution.message(opts.tol), n_eval=solver.n_eval,
+    )  # fmt: skip
+    model = _stacked_model(base, layout, [d.n_points for d in data])
+    assert isinstance(x, Tensor)  # the block path takes one independent variable
+    problem = Problem(model, x, y, loss_fn, global_space)
+    return FitResult.build(
+        model=model, problem=problem, params=params, covariance=cov, outcome=outcome,
+        optimizer="lm", statistics=fit_stats, n_omitted=0, absolute_sigma=opts.absolute_sigma,
+        start=start, estimability=_estimability(cov, order, global_space, solution),
+    )  # fmt: skip
+
+
+def _padded(data: list[FitData], dtype: torch.dtype) -> dict[str, Tensor | None]:
+    """The datasets as one NaN-free ``[K, N_max]`` batch and its mask (padding repeats a
+    dataset's first x, so the model stays finite there)."""
+    K, N = len(data), max(d.n_points for d in data)
+    device = data[0].y.device
+    x = torch.zeros(K, N, dtype=dtype, device=device)
+    y = torch.zeros_like(x)
+    sigma = torch.ones_like(x) if any(d.sigma is not None for d in data) else None
+    mask = torch.zeros(K, N, dtype=torch.bool, device=device)
+    for i, d in enumerate(data):
+        assert isinstance(d.x, Tensor)
+        n = d.n_points
+        x[i] = d.x[0]
+        x[i, :n], y[i, :n], mask[i, :n] = d.x, d.y, True
+        if sigma is not None and d.sigma is not None:
+            sigma[i, :n] = d.sigma
+    return {"x": x, "y": y, "sigma": sigma, "mask": mask}
+
+
+def _estimability(
+    cov: Tensor, order: list[int], space: ParameterSpace, solution: SharedSolution
+) -> stats.Estimability:
+    """What ``diagnose`` reads, from the blocks: a free parameter is estimable where its
+    variance is finite, without effect where its Jacobian column is zero. No SVD of the
+    stacked Jacobian is taken, so parameters that cannot be told apart are named one by one
+    (no singular directions are given to group them)."""
+    blocks = solution.covariance
+    column2 = torch.cat([blocks.normal_local.reshape(-1), blocks.normal_shared])
+    position = {g: k for k, g in enumerate(order)}
+    free = [position[g] for g in space.free]  # the global free order
+    variance = cov.diagonal()[space.free]
+    no_effect = ~(column2[free].isfinite() & (column2[free] > 0))
+    estimable = variance.isfinite() & ~no_effect
+    covariance = cov[space.free][:, space.free].numpy(force=True)
+    return stats.Estimability(
+        covariance=covariance, estimable=estimable.numpy(force=True),
+        no_effect=no_effect.numpy(force=True), singular_values=np.ones(0),
+        vh=np.zeros((0, len(free))),
+    )  # fmt: skip

@@ -10,21 +10,35 @@ stops, in ``status.py``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from gradfit.optim.backward import backward
-from gradfit.optim.first_order import State
+from gradfit.optim.first_order import State, symbolic_loss
 from gradfit.optim.problem import Hook, LoopOutcome, LoopState, Problem, finish
 from gradfit.optim.status import diverged_message, small_change
 
 Tensor = torch.Tensor
 
 
-def apply_step(problem: Problem, theta: Tensor, optimizer: object, state: State) -> Tensor:
-    """One step of the post's loop; updates ``theta`` in place and returns the loss."""
-    loss = problem.objective(theta)  # forward + loss
-    backward(loss)  # loss.backward(): d loss / d params, into theta.grad
+def apply_step(
+    problem: Problem,
+    theta: Tensor,
+    optimizer: object,
+    state: State,
+    gradient: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """One step of the post's loop; updates ``theta`` in place and returns the loss.
+
+    ``gradient`` (``first_order.symbolic_loss``: an expression model knows its derivatives)
+    does forward, loss and backward in one call, with no autograd tape.
+    """
+    if gradient is None:
+        loss = problem.objective(theta)  # forward + loss
+        backward(loss)  # loss.backward(): d loss / d params, into theta.grad
+    else:
+        loss = gradient(theta)  # the same three, from the model's symbolic Jacobian
     optimizer.update(theta, theta.grad, state)  # type: ignore[attr-defined]  # params -= lr * grad
     theta.grad = None  # backward() accumulates: zero the gradient, as the post does
     return loss
@@ -44,6 +58,7 @@ def run_loop(
     if not state.optimizer_state:  # a fresh run (gd's state is empty either way)
         state.optimizer_state = optimizer.init(state.theta)  # type: ignore[attr-defined]
     theta, history, opt_state = state.theta, state.history, state.optimizer_state
+    gradient = symbolic_loss(problem)  # None for a function or module model (the post's f)
     # Per-step bookkeeping lives in locals (a step takes ~100 us; attribute writes add up);
     # the state is brought up to date before a hook sees it and when the loop ends.
     best_loss, best_theta = state.best_loss, state.best_theta
@@ -56,7 +71,7 @@ def run_loop(
         return finish(problem, state, "converged", f"relative loss change below tol={tol}")
     for epoch in range(state.epoch, epochs):
         before.copy_(theta.data)
-        loss = apply_step(problem, theta, optimizer, opt_state).item()
+        loss = apply_step(problem, theta, optimizer, opt_state, gradient).item()
         if not math.isfinite(loss):
             status, message = "diverged", diverged_message(epoch, loss)
             break

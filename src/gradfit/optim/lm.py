@@ -53,7 +53,7 @@ Robust = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
 Subset = Callable[[Tensor], tuple[Residuals, Stacked | None, Tensor | None]]
 
 DEFAULT_FTOL = 1e-15
-DEFAULT_XTOL = 1e-15
+DEFAULT_XTOL = 3e-9
 DEFAULT_GTOL = 1e-15
 DEFAULT_MAX_ITER = 2000  # MGH10 from its first start needs about 830
 
@@ -73,6 +73,13 @@ _GEODESIC_ALPHA = 1.5
 # Gaussian from a rough start then takes 6 instead of 12 iterations; the NIST cases need the rest.
 _NEAR_TRUST = 1.5
 _GOOD_GAIN = 0.75
+# After a rejected step the damping grows at least until the step shrinks to this share of
+# its length (less when the acceleration was that much too large): Nielsen's doubling alone
+# first climbs through dampings far below JᵀJ's scale, where the step does not change (a
+# Gaussian from 15-20% off its truth spent 6 of its 14 iterations there).
+_REJECT_SHRINK = 0.7
+# Nielsen's largest cut of the damping after a good step (his 1/3)
+_SHRINK_MIN = 0.2
 # Relative cost changes below this many machine epsilons (2.3e-13 in float64) count as rounding
 # noise: a residual r = f(x) - y carries errors of order eps |y|, so a good fit's cost is only
 # that accurate when |y| is much larger than |r|.
@@ -215,10 +222,16 @@ class _Evaluator:
         mask: Tensor | None,
         robust: Robust | None,
         f_scale: float,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.residuals, self.stacked, self.mask = residuals, stacked, mask
         self.robust, self.f_scale = robust, f_scale
+        self.reduce = reduce  # sums over the points held elsewhere (torch.distributed)
         self.n_eval = 0
+
+    def summed(self, sums: Tensor) -> Tensor:
+        """Sums over this process's points, summed over every process's (``reduce``)."""
+        return sums if self.reduce is None else self.reduce(sums)
 
     def masked(self, r: Tensor) -> Tensor:
         # torch.where, not a product: masked rows may hold NaN, and NaN * 0 is NaN.
@@ -237,7 +250,7 @@ class _Evaluator:
         if self.robust is not None:
             return self._robust_point(rows)
         # One product gives JᵀJ, Jᵀr and rᵀr: [J r]ᵀ[J r] (small-matrix bmm is fastest this way).
-        m = torch.bmm(rows, rows.mT)  # (K, P + 1, P + 1)
+        m = self.summed(torch.bmm(rows, rows.mT))  # (K, P + 1, P + 1)
         hess, grad, cost2 = m[:, :-1, :-1], m[:, :-1, -1], m[:, -1, -1]
         return _Point(_poison(cost2, hess), grad, hess, rows, None)
 
@@ -283,11 +296,14 @@ def stationary_tolerances(eps: float) -> tuple[float, float]:
     return eps**0.5, eps**0.5
 
 
-def _stationary(st: _State, tol_f: float) -> Tensor:
-    """The nearly undamped step predicts a relative reduction gᵀ(JᵀJ + δD²)⁻¹g below tolerance,
-    or the fit is exact: the residuals are rounding noise, below eps times the start's, or
-    (a start at the solution) below ``_COST_NOISE`` eps times |Dθ| ≈ |Σ_j θ_j J_j|, the size
-    of the model's own values for most models.
+def _stationary(st: _State, tol: _Tols) -> tuple[Tensor, Tensor]:
+    """(stationary, next step small): the nearly undamped step w = -(JᵀJ + δD²)⁻¹g predicts
+    a relative reduction gᵀ(JᵀJ + δD²)⁻¹g below tolerance, or the fit is exact: the
+    residuals are rounding noise, below eps times the start's, or (a start at the solution)
+    below ``_COST_NOISE`` eps times |Dθ| ≈ |Σ_j θ_j J_j|, the size of the model's own values
+    for most models. Second, whether the step not yet taken would end the fit: |Dw| <= xtol
+    |Dθ| and a predicted reduction below the rounding noise of the cost (the tolerance above
+    is loose: a fit that crawls under heavy damping, NIST MGH10's, may pass it).
 
     ftol and xtol judge the damped step, which heavy damping makes small anywhere; this test
     allows them to say "converged" only where the cost is stationary (MINPACK's idea of gtol,
@@ -295,13 +311,19 @@ def _stationary(st: _State, tol_f: float) -> Tensor:
     """
     pt = st.pt
     eps = torch.finfo(pt.cost2.dtype).eps
-    damping, tol = stationary_tolerances(eps)
+    damping, tol_flat = stationary_tolerances(eps)
     L, info = torch.linalg.cholesky_ex(pt.hess + torch.diag_embed(damping * st.scale))
     w = torch.cholesky_solve(pt.grad.unsqueeze(-1), L).squeeze(-1)
-    flat: Tensor = (info == 0) & (torch.linalg.vecdot(pt.grad, w) <= max(tol_f, tol) * pt.cost2)
+    predicted = torch.linalg.vecdot(pt.grad, w)
+    flat: Tensor = (info == 0) & (predicted <= max(tol.f, tol_flat) * pt.cost2)
     dx2: Tensor = torch.linalg.vecdot(st.scale * st.theta, st.theta)
     exact = (pt.cost2 <= eps * st.cost2_start) | (pt.cost2 <= (_COST_NOISE * eps) ** 2 * dx2)
-    return flat | exact
+    next_small = (
+        (info == 0)
+        & (torch.linalg.vecdot(st.scale * w, w) <= tol.x**2 * dx2)
+        & (predicted <= tol.noise * pt.cost2)
+    )
+    return flat | exact, next_small
 
 
 @dataclass
@@ -320,7 +342,7 @@ class _State:
     scratch: Tensor  # (K, N) work buffer
 
     @classmethod
-    def start(cls, theta: Tensor, pt: _Point, gtol: float) -> _State:
+    def start(cls, theta: Tensor, pt: _Point, gtol: float, lambda0: float) -> _State:
         dev = theta.device
         codes = {s.name: torch.tensor(int(s), device=dev) for s in LMStatus}
         codes["two"] = torch.tensor(2.0, dtype=theta.dtype, device=dev)
@@ -329,7 +351,7 @@ class _State:
         status = torch.where(torch.isfinite(pt.cost2), status, codes["NON_FINITE"])
         # Own the big buffers: later iterations update them in place (no fresh allocations).
         pt.rows = pt.rows.clone()
-        lam = torch.full_like(pt.cost2, _LAMBDA0)
+        lam = torch.full_like(pt.cost2, lambda0)
         n_iter = torch.zeros(theta.shape[0], dtype=torch.int64, device=dev)
         # MINPACK scales a zero column by 1: that parameter does not move on this step
         column2 = pt.column2
@@ -402,7 +424,7 @@ def _geodesic(
     u = u.unsqueeze(1)  # (K, 1, N)
     if pt.weight is not None:
         u = pt.weight.unsqueeze(1) * u
-    s = torch.cholesky_solve(torch.bmm(u, pt.jac_rows.mT).mT, L).squeeze(-1)  # (K, P)
+    s = torch.cholesky_solve(ev.summed(torch.bmm(u, pt.jac_rows.mT)).mT, L).squeeze(-1)  # (K, P)
     # 2|Da| <= alpha |Dv|  <=>  |Ds|² <= (alpha h² / 4)² |Dv|²; NaN is not trusted.
     excess = torch.linalg.vecdot(st.scale * s, s) / ((_GEODESIC_ALPHA * h * h / 4) ** 2 * dv2)
     trusted = excess <= 1
@@ -415,6 +437,7 @@ class _Tols(NamedTuple):
     noise: float  # relative cost changes below this are rounding noise
     x: float
     g: float
+    lambda0: float  # the starting damping
 
 
 def _iterate(ev: _Evaluator, st: _State, tol: _Tols, geodesic: bool) -> None:
@@ -436,6 +459,8 @@ def _iterate(ev: _Evaluator, st: _State, tol: _Tols, geodesic: bool) -> None:
     noise = tol.noise * pt.cost2
     tiny = pred2 <= noise
     step, excess = _geodesic(ev, st, v, dv2, L) if geodesic else (v, None)
+    if excess is not None:  # a step below the noise takes no correction (the compiled kernel
+        step = torch.where(tiny.unsqueeze(-1), v, step)  # skips its evaluation)
     trial = st.theta + step
     new = ev.point(trial)
     actred2 = pt.cost2 - new.cost2
@@ -444,8 +469,9 @@ def _iterate(ev: _Evaluator, st: _State, tol: _Tols, geodesic: bool) -> None:
         ok &= (excess <= 1) | tiny | ((excess <= _NEAR_TRUST) & (rho > _GOOD_GAIN))
     accepted = ok & ((rho > _ACCEPT) | (tiny & (actred2.abs() <= noise)))
     # Nielsen: shrink the damping smoothly after a good step, grow it ever faster after bad ones.
-    shrink = (1 - (2 * rho - 1) ** 3).clamp(1 / 3, 2)  # 2 bounds the noise-judged steps
-    st.lam = (st.lam * torch.where(accepted, shrink, st.nu)).clamp(min=_LAMBDA_MIN)
+    shrink = (1 - (2 * rho - 1) ** 3).clamp(_SHRINK_MIN, 2)  # 2 bounds the noise-judged steps
+    grown = torch.fmax(st.lam * st.nu, _rejected_damping(st, v, dv2, L, excess))  # NaN: ignored
+    st.lam = torch.where(accepted, st.lam * shrink, grown).clamp(min=_LAMBDA_MIN)
     st.nu = torch.where(accepted, c["two"], st.nu * 2)
     # MINPACK's tests on this step, relative to the cost before it; the bound on the actual
     # reduction is not below the rounding noise of the cost.
@@ -456,11 +482,37 @@ def _iterate(ev: _Evaluator, st: _State, tol: _Tols, geodesic: bool) -> None:
     code = torch.where(x_hit, c["XTOL"], code)
     code = torch.where(f_hit, c["FTOL"], code)
     small = (f_hit | x_hit) & active
-    if bool(small.any()):  # a small step or reduction means "converged" only where stationary
-        code = torch.where(small & ~_stationary(st, tol.f), c["RUNNING"], code)
+    # after a step, also the xtol test on the next, nearly undamped step: a converged curve
+    # stops without taking a last step of rounding size (a linear model after its first)
+    ahead = accepted & (code == LMStatus.RUNNING)
+    if bool((small | ahead).any()):  # "converged" only where stationary
+        stationary, next_small = _stationary(st, tol)
+        code = torch.where(small & ~stationary, c["RUNNING"], code)
+        code = torch.where(ahead & stationary & next_small, c["XTOL"], code)
     code = torch.where(~factored & (st.lam > _LAMBDA_MAX), c["SINGULAR"], code)
     st.status = torch.where(active, code, st.status)
     st.n_iter += active
+
+
+def _rejected_damping(
+    st: _State, v: Tensor, dv2: Tensor, L: Tensor, excess: Tensor | None
+) -> Tensor:
+    """The damping at which a rejected step v shrinks to about ``_REJECT_SHRINK`` of its
+    length, less where the acceleration was ``excess`` too large (its share of the step
+    grows with the step): one Newton step on 1/|Dv(λ)| (Moré 1978), which never overshoots.
+
+    With q = L⁻¹D²v, d|Dv|²/dλ = -2|q|²; NaN where v is (a failed factorisation).
+    """
+    target = torch.full_like(dv2, _REJECT_SHRINK)
+    if excess is not None:
+        # at most 1e3 times shorter: an infinite excess (|Dv| = 0) leaves the damping finite
+        target = torch.where(
+            excess > 1, excess.clamp(max=1e6).rsqrt().clamp(max=_REJECT_SHRINK), target
+        )
+    q = torch.linalg.solve_triangular(L, (st.scale * v).unsqueeze(-1), upper=False)
+    q2 = q.squeeze(-1).square().sum(-1)
+    damping: Tensor = st.lam + dv2 * (1 - target) / (target * q2)
+    return damping
 
 
 def levenberg_marquardt(
@@ -479,6 +531,8 @@ def levenberg_marquardt(
     callback: Callable[[int, Tensor], bool | None] | None = None,
     geodesic: bool = True,
     subset: Subset | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    linear: bool = False,
 ) -> LMResult:
     """Minimise ``0.5 * sum(rho((r_k(theta_k) / f_scale)**2)) * f_scale**2`` for each curve k.
 
@@ -503,9 +557,15 @@ def levenberg_marquardt(
             stops the whole batch, and curves still running report ``MAX_ITER``.  With
             ``subset``, ``cost`` covers the curves still in the work.
         geodesic: use geodesic acceleration (more robust, one extra residual evaluation).
+        linear: the residuals are linear in theta (``least_squares.linear_in_params``): the
+            damping starts at its floor and there is no acceleration, so the first step
+            solves the problem and the second confirms it.
         subset: ``indices -> (residuals, stacked or None, mask or None)`` of those curves
             alone; lets the kernel drop stopped curves from its work (curves stop after very
             different numbers of iterations). Each curve's arithmetic is unchanged.
+        reduce: sums a tensor over the processes that hold the other points (an all-reduce,
+            ``fitting/distributed.py``): applied to [J r]ᵀ[J r] and the geodesic Jᵀu, so every
+            process takes the same steps. Plain least squares only (no ``robust``).
 
     Returns:
         An :class:`LMResult`; each curve's ``status`` is an :class:`LMStatus` code.  The
@@ -527,13 +587,19 @@ def levenberg_marquardt(
         raise ValueError(f"theta0 must be a floating (K, P) tensor, got {tuple(theta0.shape)}")
     eps = torch.finfo(theta0.dtype).eps
     noise = _COST_NOISE * eps
-    tol = _Tols(max(ftol, eps), max(ftol, noise), noise, max(xtol, eps), max(gtol, eps))
+    # a linear model's Gauss–Newton step is its solution: start (nearly) undamped, no
+    # acceleration (r'' = 0: its correction would be rounding noise, its evaluation wasted)
+    lambda0 = _LAMBDA_MIN if linear else _LAMBDA0
+    geodesic = geodesic and not linear
+    tol = _Tols(max(ftol, eps), max(ftol, noise), noise, max(xtol, eps), max(gtol, eps), lambda0)
     # Symbolic rows need no autograd: inference mode skips its bookkeeping on every one of the
     # iteration's ~130 small operations (a single fit runs 20% faster).
     symbolic = stacked is not None
     if stacked is None:
         stacked = stack_jacobian(jacobian or autodiff_jacobian(residuals))
-    ev = _Evaluator(residuals, stacked, mask, robust, f_scale)
+    if reduce is not None and robust is not None:
+        raise ValueError("reduce takes plain least squares: a robust loss has no reduce yet")
+    ev = _Evaluator(residuals, stacked, mask, robust, f_scale, reduce)
     with torch.inference_mode(symbolic):
         result = _solve(ev, theta0.detach(), tol, max_iter, callback, geodesic, subset)
     if not symbolic:
@@ -554,7 +620,7 @@ def _solve(
     geodesic: bool,
     subset: Subset | None,
 ) -> LMResult:
-    st = _State.start(theta, ev.point(theta), tol.g)
+    st = _State.start(theta, ev.point(theta), tol.g, tol.lambda0)
     batch: LMResult | None = None  # the whole batch's outcome, once the work has shrunk
     index = torch.arange(theta.shape[0], device=theta.device)  # st's curves in the batch
     for it in range(1, max_iter + 1):
@@ -584,6 +650,6 @@ def _restrict(ev: _Evaluator, subset: Subset, index: Tensor) -> _Evaluator:
     """An evaluator for the curves at ``index`` alone."""
     residuals, stacked, mask = subset(index)
     stacked = stacked or stack_jacobian(autodiff_jacobian(residuals))
-    restricted = _Evaluator(residuals, stacked, mask, ev.robust, ev.f_scale)
+    restricted = _Evaluator(residuals, stacked, mask, ev.robust, ev.f_scale, ev.reduce)
     restricted.n_eval = ev.n_eval
     return restricted

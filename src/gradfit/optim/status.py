@@ -13,6 +13,9 @@ STATUSES = {
     "max_iter": "the epoch (LM: iteration) limit stopped it before any convergence test passed",
     "diverged": "the loss became non-finite; the best parameters seen are kept",
     "interrupted": "the hook (a signal, a callback) asked it to stop",
+    "early_stopped": "mini-batch training with validation: `patience` epochs passed without a "
+    "better validation loss; the parameters with the best one are kept (not converged: the "
+    "training loss may still fall)",
     "singular": "LM could not solve its damped normal equations even at the largest damping",
     "non_finite": "the residuals or Jacobian were not finite at the start",
     "too_few_points": "fewer valid points than free parameters (fit_batch: no fit)",

@@ -241,6 +241,8 @@ class FitResult:
     # how the Jacobian was taken: "analytic" (symbolic or autodiff) or "numerical" (finite
     # differences, a model written in NumPy; ``message`` says so too, as results.json keeps it)
     jacobian: str = "analytic"
+    # mini-batch training with validation: the validation loss after every epoch
+    validation_history: list[float] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict, repr=False)
     # where it came from (the CLI: the input file and the command line); in results.json
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -413,6 +415,12 @@ class FitResult:
             **({"tied": dict(self.tied)} if self.tied else {}),  # only a fit with ties
             "at_bound": list(self.at_bound),
             "history": history_entry(self.history, history_file),
+            # only a fit with validation (mini-batch); NaN as null
+            **(
+                {"validation_history": [_number(v) for v in self.validation_history]}
+                if self.validation_history
+                else {}
+            ),
             "model_spec": _model_spec(self.model),
             "versions": versions(),
             "provenance": dict(self.provenance),
@@ -455,6 +463,7 @@ class FitResult:
             param_names=names,
             loss=_float(saved["loss"]),
             history=load_history(saved["history"], Path(path)),
+            validation_history=[_float(v) for v in saved.get("validation_history", [])],
             n_iter=int(saved["n_iter"]),
             converged=bool(saved["converged"]),
             status=str(saved["status"]),

@@ -101,13 +101,14 @@ def fit_curves(
     gtol: float = lm.DEFAULT_GTOL,
     max_iter: int = lm.DEFAULT_MAX_ITER,
     geodesic: bool = True,
+    linear: bool = False,
     rows: bool = False,
     history: bool = False,
 ) -> CompiledFit:
     """``lm.levenberg_marquardt`` for ``problem``'s K curves (see :func:`supports`).
 
     ``mask`` (K, N) marks valid points. With ``history``, the cost after each iteration
-    (NaN once a curve stopped).
+    (NaN once a curve stopped). ``linear`` as in ``lm.levenberg_marquardt``.
     """
     codes = _codes(problem.model)
     assert codes is not None and isinstance(problem.x, torch.Tensor), "check supports() first"
@@ -122,7 +123,7 @@ def fit_curves(
     if mask is not None:  # contiguous: a strided array would compile another specialisation
         mask_a = np.ascontiguousarray(mask.numpy()).reshape(-1, N)
     space = _space_arrays(problem.space)
-    tols = _tolerances(ftol, xtol, gtol)
+    tols = _tolerances(ftol, xtol, gtol, linear)
     F = len(space[1])
     theta = np.array(theta0.detach().reshape(K, F).numpy(), dtype=np.float64)  # a copy
     cost, chi2, r2 = np.empty(K), np.empty(K), np.empty(K)
@@ -134,7 +135,7 @@ def fit_curves(
     robust = (_ROBUST.get(loss.rho, PLAIN), float(loss.f_scale))
     n_eval = kernel.fit_curves(
         value.arrays, full.arrays, (x, y, sigma_a, mask_a), space, robust, tols, max_iter,
-        geodesic,
+        geodesic and not linear,
         (theta, cost, n_iter, status, variance, chi2, r2, n_points), rows_a, costs,
     )  # fmt: skip
     return CompiledFit(
@@ -163,9 +164,10 @@ def _bound_arrays(
 
 
 @functools.lru_cache(maxsize=64)
-def _tolerances(ftol: float, xtol: float, gtol: float) -> np.ndarray:
+def _tolerances(ftol: float, xtol: float, gtol: float, linear: bool = False) -> np.ndarray:
     """As ``lm.levenberg_marquardt``: raised to eps; the actual reduction not below noise;
-    then ``lm.py``'s constants (``kernel.SETTINGS`` names them).
+    then ``lm.py``'s constants (``kernel.SETTINGS`` names them), the starting damping at its
+    floor for a ``linear`` model.
 
     The constants travel as data: Numba's disk cache is keyed on ``kernel.py``'s text alone,
     so constants read from ``lm.py`` at compile time would go stale when only ``lm.py`` changes.
@@ -173,7 +175,10 @@ def _tolerances(ftol: float, xtol: float, gtol: float) -> np.ndarray:
     eps = float(np.finfo(np.float64).eps)
     noise = lm._COST_NOISE * eps
     tols = [max(ftol, eps), max(ftol, noise), noise, max(xtol, eps), max(gtol, eps)]
-    return np.array(tols + [lm_constant(name) for name in kernel.SETTINGS[5:]])
+    settings = [lm_constant(name) for name in kernel.SETTINGS[5:]]
+    if linear:
+        settings[0] = lm_constant("lambda_min")  # SETTINGS[5] is lambda0
+    return np.array(tols + settings)
 
 
 def lm_constant(name: str) -> float:

@@ -27,7 +27,8 @@ _RUNNING, _FTOL, _XTOL, _GTOL, _MAX_ITER, _NON_FINITE, _SINGULAR = (
 SETTINGS = (
     "ftol", "ftol_actual", "noise", "xtol", "gtol", "lambda0", "lambda_min", "lambda_max",
     "accept", "scale_stale", "geodesic_h", "geodesic_alpha", "near_trust", "good_gain",
-    "lambda_stationary", "stationary", "max_variance_inflation",
+    "lambda_stationary", "stationary", "max_variance_inflation", "reject_shrink",
+    "shrink_min",
 )  # fmt: skip
 _EPS = float(np.finfo(np.float64).eps)
 # bound transforms (``ParameterSpace.to_params``; ``_to_params`` restates them)
@@ -68,12 +69,16 @@ def fit_curves(value_code, full_code, data, space, robust, tols, max_iter, geode
         bounded |= kind[j] != NO_BOUND
     n_eval = 0
     for k in range(K):
-        n = _gather(k, x, y, sigma, mask, xs, ys, ss, where)
+        # every point valid and one x for all curves (the common case): the x-only steps
+        # (PER_CURVE, e.g. x**2) are the same for every curve, computed once
+        fresh_x = _gather(k, x, y, sigma, mask, xs, ys, ss, where)
+        n = N if mask.shape[0] == 0 else fresh_x
         curve = (xs, ys, ss, n, sigma.shape[0] > 0)
         theta[:] = theta_out[k]
         _to_params(theta, space, params, chain)
-        run(value_code, PER_CURVE, xs, n, params, value_regs)
-        run(full_code, PER_CURVE, xs, n, params, full_regs)
+        if fresh_x > 0:
+            run(value_code, PER_CURVE, xs, n, params, value_regs)
+            run(full_code, PER_CURVE, xs, n, params, full_regs)
         status, it, cost2, evals, rows, hess = _fit_one(
             value_code, full_code, value_regs, full_regs, curve, space, robust, tols,
             max_iter, geodesic, theta, params, chain, vectors, matrices, rows_pair, u, costs, k,
@@ -131,19 +136,22 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust,
     while status == _RUNNING and it < max_iter:  # -- lm._iterate
         factored, dv2, dx2, pred2 = _velocity(hess, grad, scale, lam, theta, A, L, v)
         accepted = f_hit = x_hit = False
-        rho = new_cost2 = math.nan
+        rho = new_cost2 = excess = math.nan
         if factored:  # a failed factorisation rejects the step without evaluating it
             noise = tol_noise * cost2
             tiny = pred2 <= noise
             excess = 0.0
-            if geodesic:
+            # below the rounding noise of the cost the finite-difference acceleration is
+            # noise too: such a step is v alone, and its evaluation is saved
+            accelerated = geodesic and not tiny
+            if accelerated:
                 excess = _acceleration(value_code, value_regs, curve, space, robust, theta, v,
                                        rows, L, scale, dv2, params, chain, trial, u, jtu, s,
                                        tols)  # fmt: skip
                 evals += 1
             trusted = excess <= 1
             for j in range(F):
-                trial[j] = theta[j] + (v[j] - s[j] / (h * h) if geodesic and trusted else v[j])
+                trial[j] = theta[j] + (v[j] - s[j] / (h * h) if accelerated and trusted else v[j])
             new_cost2 = _point(full_code, full_regs, curve, trial, space, robust, params, chain,
                                new_rows, new_hess, new_grad)  # fmt: skip
             evals += 1
@@ -156,10 +164,15 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust,
         # Nielsen's damping update
         if accepted:
             shrink = 1 - (2 * rho - 1) ** 3
-            lam *= 1 / 3 if shrink < 1 / 3 else (2.0 if shrink > 2 else shrink)
+            lam *= tols[18] if shrink < tols[18] else (2.0 if shrink > 2 else shrink)
             nu = 2.0
         else:
-            lam *= nu
+            grown = lam * nu
+            if factored:
+                jump = _rejected_damping(L, scale, v, dv2, lam, excess, tols[17], jtu)
+                if jump > grown:  # NaN is not
+                    grown = jump
+            lam = grown
             nu *= 2
         if lam < lambda_min:
             lam = lambda_min
@@ -176,12 +189,17 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust,
             status = _XTOL
         if f_hit:
             status = _FTOL
-        # a small step or reduction says "converged" only at a stationary point
-        if (x_hit or f_hit) and not (
-            _exact(theta, scale, cost2, cost2_start, tols)
-            or _stationary(hess, grad, scale, cost2, tols, A, L, s)
-        ):
-            status = _RUNNING
+        # a small step or reduction says "converged" only at a stationary point; after a
+        # step, so does a next (nearly undamped) step below xtol
+        small = x_hit or f_hit
+        ahead = accepted and status == _RUNNING
+        if small or ahead:
+            flat, next_small = _stationary(hess, grad, scale, theta, cost2, tols, A, L, s)
+            stationary = flat or _exact(theta, scale, cost2, cost2_start, tols)
+            if small and not stationary:
+                status = _RUNNING
+            if ahead and stationary and next_small:
+                status = _XTOL
         if not factored and lam > lambda_max:
             status = _SINGULAR
         if costs.shape[0] > 0:
@@ -209,6 +227,22 @@ def _velocity(hess, grad, scale, lam, theta, A, L, v):
         dx2 += scale[j] * theta[j] * theta[j]
         gv += grad[j] * v[j]
     return True, dv2, dx2, lam * dv2 - gv
+
+
+@numba.njit(**JIT)
+def _rejected_damping(L, scale, v, dv2, lam, excess, shrink, q):
+    """lm._rejected_damping: one Newton step on 1/|Dv(λ)| towards |Dv| shrunk to ``shrink``
+    (less by the root of an ``excess`` above 1); q = L⁻¹D²v is written into ``q``."""
+    F = v.shape[0]
+    target = min(shrink, 1 / math.sqrt(min(excess, 1e6))) if excess > 1 else shrink
+    q2 = 0.0
+    for i in range(F):
+        acc = scale[i] * v[i]
+        for k in range(i):
+            acc -= L[i, k] * q[k]
+        q[i] = acc / L[i, i]
+        q2 += q[i] * q[i]
+    return lam + dv2 * (1 - target) / (target * q2)
 
 
 @numba.njit(inline="always", **JIT)
@@ -239,8 +273,27 @@ def _acceleration(value_code, value_regs, curve, space, robust, theta, v, rows, 
 
 @numba.njit(**JIT)
 def _gather(k, x, y, sigma, mask, xs, ys, ss, where):
-    """Curve k's valid points, in order, into xs, ys, ss (positions in ``where``); their count."""
+    """Curve k's valid points, in order, into xs, ys, ss (positions in ``where``); their count.
+
+    Without a mask (every point valid) it copies rows without a branch per point, and
+    returns 0 where xs (and ss) still hold curve k - 1's, which are curve k's too."""
     N = y.shape[1]
+    if mask.shape[0] == 0:
+        for i in range(N):
+            ys[i] = y[k, i]
+        if k > 0 and x.shape[0] == 1 and sigma.shape[0] <= 1:
+            return 0
+        xk = x[k if x.shape[0] > 1 else 0]
+        for i in range(N):
+            xs[i], where[i] = xk[i], i
+        if sigma.shape[0] > 0:
+            sk = sigma[k if sigma.shape[0] > 1 else 0]
+            for i in range(N):
+                ss[i] = sk[i]
+        else:
+            for i in range(N):
+                ss[i] = 1.0
+        return N
     xk = x[k if x.shape[0] > 1 else 0]
     n = 0
     for i in range(N):
@@ -422,18 +475,25 @@ def _exact(theta, scale, cost2, cost2_start, tols):
 
 
 @numba.njit(**JIT)
-def _stationary(hess, grad, scale, cost2, tols, A, L, w):
-    """lm._stationary, less its exact-fit case (``_exact``): the nearly undamped step predicts
-    a relative reduction below tolerance."""
+def _stationary(hess, grad, scale, theta, cost2, tols, A, L, w):
+    """lm._stationary, less its exact-fit case (``_exact``): whether the nearly undamped step
+    w predicts a relative reduction below tolerance, and whether that step would end the fit
+    (|Dw| <= xtol |Dθ|, a predicted reduction below the noise)."""
     F = grad.shape[0]
     for a in range(F):
         for b in range(F):
             A[a, b] = hess[a, b]
         A[a, a] += tols[14] * scale[a]
     if not _cholesky(A, L):
-        return False
+        return False, False
     _cholesky_solve(L, grad, w)
-    return _dot(grad, w, F) <= max(tols[0], tols[15]) * cost2
+    dw2 = dx2 = 0.0
+    for j in range(F):
+        dw2 += scale[j] * w[j] * w[j]
+        dx2 += scale[j] * theta[j] * theta[j]
+    predicted = _dot(grad, w, F)
+    flat = predicted <= max(tols[0], tols[15]) * cost2
+    return flat, dw2 <= tols[3] * tols[3] * dx2 and predicted <= tols[2] * cost2
 
 
 @numba.njit(**JIT)
