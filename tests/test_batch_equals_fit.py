@@ -107,7 +107,9 @@ def assert_row_equals_fit(batch: gf.BatchResult, i: int, single: gf.FitResult) -
         # change. Only the verdict must agree.
         assert code not in CONVERGED, (batch.status_names[i], single.status)
         return
-    assert code in CONVERGED and describe(code).endswith(single.message)  # the same test
+    assert code in CONVERGED
+    if single.n_iter > 1:  # after the one step that solves a linear model, every stop test
+        assert describe(code).endswith(single.message)  # stands at rounding; else the same
     want = np.array(list(single.params.values()))
     # A fit in a wrong, flat minimum (χ²ᵣ far above the noise's 0.03² ≈ 1e-3) is only
     # determined to ~1e-9: there even fit alone moves that much between two calls (MKL's
