@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet -c constraints.txt
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test docs lint bench clean
 
 $(BIN)/gradfit: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,15 @@ test: $(VENV)/.dev
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 	GRADFIT_COMPILED=0 $(BIN)/python -m pytest $(KERNEL_TESTS)
+	$(MAKE) docs
+
+# the documentation site, built into site/ (ignored by git); --strict: a broken reference,
+# link or docstring fails the build (and so make test)
+docs: $(VENV)/.dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -d site
 
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/bench_demo_loop.py
 
 clean:
-	rm -rf $(VENV) gradfit-demo
+	rm -rf $(VENV) gradfit-demo site

@@ -318,12 +318,6 @@ def _fit_minibatch(
         save()
     result = _result(problem, outcome, optimizer, n_omitted, opts.absolute_sigma, p_start)
     result.validation_history = list(position.validation_history)
-    if outcome.status == "early_stopped":  # the diagnosis knows no such status yet
-        result.warnings = [
-            f"not converged: {outcome.message}" if w.startswith("fit failed (early_stopped)")
-            else w
-            for w in result.warnings
-        ]  # fmt: skip
     return result if tied is None else _with_tied(result, tied)
 
 

@@ -467,12 +467,6 @@ def _streamed_result(
         statistics={k: np.asarray(v) for k, v in found.items()},
         absolute_sigma=opts.absolute_sigma, start=start, estimability=estimability,
     )  # fmt: skip
-    if outcome.status == "early_stopped":
-        result.warnings = [
-            f"not converged: {outcome.message}" if w.startswith("fit failed (early_stopped)")
-            else w
-            for w in result.warnings
-        ]  # fmt: skip
     return result
 
 

@@ -48,7 +48,7 @@ def _convergence(result: FitResult) -> str | None:
         return None
     if status == "max_iter":
         return _limit(result)
-    if status in ("interrupted", "diverged"):
+    if status in ("interrupted", "diverged", "early_stopped"):  # stopped, not failed
         return f"not converged: {message}"
     return f"fit failed ({status}): {message}"
 
