@@ -300,3 +300,11 @@ def test_scattered_groups_are_gathered_correctly_and_the_cost_is_said(tmp_path, 
     keys, _ = reference(shuffled)  # a group's rows in file order: the reference's order too
     assert_matches(result, keys, reference(shuffled)[1])
     assert "groups are spread over many row groups or files" in capsys.readouterr().err
+
+
+def test_a_wrong_column_name_lists_every_column_of_the_file(split, tmp_path):
+    folder, _table = split
+    result = runner.invoke(app, ["fit-many", str(folder), "--group", "kee", "--model",
+                                 "gaussian", "--out", str(tmp_path / "o.parquet")])  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stderr.strip().endswith("no column 'kee'; columns are key, x, y")

@@ -207,9 +207,12 @@ def read_raw(unit: Unit, names: list[str]) -> dict[str, np.ndarray]:
         return read_range(Path(unit.path), unit.layout, start, stop, unit.first_row, names)
     if unit.kind == "delayed":  # a Dask DataFrame's partition, computed here, in this thread
         arrow = pa.Table.from_pandas(unit.table.compute(scheduler="sync"), preserve_index=False)
-    else:
-        arrow = unit.table if unit.kind == "memory" else _read_row_group(unit, names)
-    columns = [*arrow.column_names, *(name for name, _ in unit.partition)]
+        columns = list(arrow.column_names)
+    elif unit.kind == "memory":
+        arrow, columns = unit.table, list(unit.table.column_names)
+    else:  # only the wanted columns are read: the error names every column of the file
+        arrow, columns = _read_row_group(unit, names)
+    columns += [name for name, _ in unit.partition]
     _check_names(unit, names, columns)
     partition = dict(unit.partition)
     out = {}
@@ -221,12 +224,13 @@ def read_raw(unit: Unit, names: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def _read_row_group(unit: Unit, names: list[str]) -> Any:
-
+def _read_row_group(unit: Unit, names: list[str]) -> tuple[Any, list[str]]:
+    """The row group's columns ``names`` (those present), and every column of the file."""
     try:
         handle = _parquet_file(unit.path, os.stat(unit.path).st_mtime_ns)
-        present = [name for name in names if name in handle.schema_arrow.names]
-        return handle.read_row_group(unit.row_group, columns=present)
+        every = list(handle.schema_arrow.names)
+        present = [name for name in names if name in every]
+        return handle.read_row_group(unit.row_group, columns=present), every
     except GradfitError:
         raise
     except Exception as error:  # a damaged column: named as a whole-file read names it
