@@ -219,7 +219,7 @@ def test_local_cluster_equals_numpy():
     try:
         with (
             distributed.LocalCluster(
-                n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+                n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
             ) as cluster,
             distributed.Client(cluster),
         ):
