@@ -117,9 +117,12 @@ except gf.errors.OptionError as error:
 )
 
 
-def one_process():
+def one_process(folder, monkeypatch):
+    """The workers' ``fits``, defined in this process (no WORLD_SIZE) with ``folder`` as the
+    folder they are given on their command line."""
     namespace = {}
-    exec(COMMON, namespace)  # the same definitions, in this process, without WORLD_SIZE
+    monkeypatch.setattr(sys, "argv", [sys.argv[0], str(folder)])  # pytest's own may be bare
+    exec(COMMON, namespace)
     return namespace["fits"]
 
 
@@ -143,9 +146,9 @@ def test_every_rank_ends_with_the_same_answer(two_processes):
         assert rank0[name][1] == rank1[name][1], name
 
 
-def test_two_processes_equal_one(two_processes, tmp_path, one_thread):
+def test_two_processes_equal_one(two_processes, tmp_path, one_thread, monkeypatch):
     (rank0, _), _ = two_processes
-    single = one_process()(checkpoint=tmp_path)
+    single = one_process(tmp_path, monkeypatch)(checkpoint=tmp_path)
     # LM: the normal equations summed over the ranks, to rounding
     torch.testing.assert_close(rank0["lm"][0], single["lm"][0], rtol=1e-10, atol=0)
     assert rank0["lm"][2] == single["lm"][2] == "converged"
