@@ -187,10 +187,11 @@ class DaskEngine:
     def fit(self, tasks: list[Task], job: Job, stop: Callable[[], bool], bar: Any) -> None:
         if not tasks:
             return
-        [shared] = self.client.scatter([job], broadcast=True)
         chunks = {task.index: len(task.chunks(job.chunk_size)) for task in tasks}
+        # the job (model, options: a few kB) travels inside every task rather than scattered:
+        # scattered data cannot be recomputed, so a killed worker holding it could fail the run
         pending = {
-            self.client.submit(run_remote, task, shared, pure=False): task.index for task in tasks
+            self.client.submit(run_remote, task, job, pure=False): task.index for task in tasks
         }
         try:
             while pending:

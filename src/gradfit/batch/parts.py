@@ -148,7 +148,7 @@ class PartStore:
 
 @dataclass(frozen=True)
 class Job:
-    """What every task of one run shares (sent once to each Dask worker)."""
+    """What every task of one run shares (a few kB: it travels with each Dask task)."""
 
     spec: Spec
     model: Model

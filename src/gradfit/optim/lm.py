@@ -80,6 +80,17 @@ _GOOD_GAIN = 0.75
 _REJECT_SHRINK = 0.7
 # Nielsen's largest cut of the damping after a good step (his 1/3)
 _SHRINK_MIN = 0.2
+# Coasting: after a good step (gain ratio above _GOOD_GAIN) that was small (|Dv| at most
+# _COAST_STEP |Dθ|) and whose acceleration was tiny (excess (2|Da| / α|Dv|)² at most
+# _GEODESIC_COAST), the next steps go without the acceleration, saving its residual evaluation,
+# for as long as they stay good and small and each is at most _COAST_SHRINK times the last
+# (in |Dv|²: Gauss–Newton converging fast): the acceleration shrinks with the step, so there it
+# no longer changes it. Noisy Gaussians: ~11% faster, same iterations and answers; NIST StRD
+# (54 fits): 1% fewer evaluations in all (Bennett5 from start1 takes 92 instead of 55).
+# The step test keeps long curved valleys accelerated (MGH10 from its first start fails without).
+_GEODESIC_COAST = 1e-3
+_COAST_STEP = 3e-3
+_COAST_SHRINK = 0.25
 # Relative cost changes below this many machine epsilons (2.3e-13 in float64) count as rounding
 # noise: a residual r = f(x) - y carries errors of order eps |y|, so a good fit's cost is only
 # that accurate when |y| is much larger than |r|.
@@ -340,6 +351,8 @@ class _State:
     n_iter: Tensor  # (K,) int64
     codes: dict[str, Tensor]  # 0-dim constants, so that torch.where allocates no scalars
     scratch: Tensor  # (K, N) work buffer
+    coast: Tensor  # (K,) bool: the next step goes without the acceleration (_GEODESIC_COAST)
+    last_dv2: Tensor  # (K,) the previous step's |Dv|² (inf before the first)
 
     @classmethod
     def start(cls, theta: Tensor, pt: _Point, gtol: float, lambda0: float) -> _State:
@@ -358,7 +371,12 @@ class _State:
         scale = torch.where(column2 == 0, 1.0, column2)
         nu = torch.full_like(lam, 2.0)
         start = pt.cost2.clone()
-        return cls(theta.clone(), pt, scale, lam, nu, start, status, n_iter, codes, pt.res.clone())
+        coast = torch.zeros_like(status, dtype=torch.bool)
+        last = torch.full_like(lam, float("inf"))
+        return cls(
+            theta.clone(), pt, scale, lam, nu, start, status, n_iter, codes, pt.res.clone(),
+            coast, last,
+        )  # fmt: skip
 
     def accept(self, ok: Tensor, trial: Tensor, new: _Point) -> None:
         """Move the curves with ``ok`` to ``trial``; the others keep everything."""
@@ -384,7 +402,7 @@ class _State:
         return _State(
             self.theta[keep], new, self.scale[keep], self.lam[keep], self.nu[keep],
             self.cost2_start[keep], self.status[keep], self.n_iter[keep], self.codes,
-            self.scratch[keep],
+            self.scratch[keep], self.coast[keep], self.last_dv2[keep],
         )  # fmt: skip
 
     def store(self, into: LMResult, index: Tensor) -> None:
@@ -459,8 +477,10 @@ def _iterate(ev: _Evaluator, st: _State, tol: _Tols, geodesic: bool) -> None:
     noise = tol.noise * pt.cost2
     tiny = pred2 <= noise
     step, excess = _geodesic(ev, st, v, dv2, L) if geodesic else (v, None)
-    if excess is not None:  # a step below the noise takes no correction (the compiled kernel
-        step = torch.where(tiny.unsqueeze(-1), v, step)  # skips its evaluation)
+    if excess is not None:  # a step below the noise or coasting takes no correction (the
+        plain = tiny | st.coast  # compiled kernel skips its evaluation, its excess is 0)
+        step = torch.where(plain.unsqueeze(-1), v, step)
+        excess = torch.where(st.coast, 0.0, excess)
     trial = st.theta + step
     new = ev.point(trial)
     actred2 = pt.cost2 - new.cost2
@@ -468,6 +488,12 @@ def _iterate(ev: _Evaluator, st: _State, tol: _Tols, geodesic: bool) -> None:
     if excess is not None:
         ok &= (excess <= 1) | tiny | ((excess <= _NEAR_TRUST) & (rho > _GOOD_GAIN))
     accepted = ok & ((rho > _ACCEPT) | (tiny & (actred2.abs() <= noise)))
+    if excess is not None:  # coast while the steps are good and the acceleration was tiny
+        fresh = ~tiny & ~st.coast & (excess <= _GEODESIC_COAST)  # an accelerated step's
+        near = dv2 <= _COAST_STEP**2 * dx2
+        shrinking = st.coast & (dv2 <= _COAST_SHRINK * st.last_dv2)
+        st.coast = accepted & (rho > _GOOD_GAIN) & near & (shrinking | fresh)
+        st.last_dv2 = torch.where(active, dv2, st.last_dv2)
     # Nielsen: shrink the damping smoothly after a good step, grow it ever faster after bad ones.
     shrink = (1 - (2 * rho - 1) ** 3).clamp(_SHRINK_MIN, 2)  # 2 bounds the noise-judged steps
     grown = torch.fmax(st.lam * st.nu, _rejected_damping(st, v, dv2, L, excess))  # NaN: ignored

@@ -28,7 +28,7 @@ SETTINGS = (
     "ftol", "ftol_actual", "noise", "xtol", "gtol", "lambda0", "lambda_min", "lambda_max",
     "accept", "scale_stale", "geodesic_h", "geodesic_alpha", "near_trust", "good_gain",
     "lambda_stationary", "stationary", "max_variance_inflation", "reject_shrink",
-    "shrink_min",
+    "shrink_min", "geodesic_coast", "coast_step", "coast_shrink",
 )  # fmt: skip
 _EPS = float(np.finfo(np.float64).eps)
 # bound transforms (``ParameterSpace.to_params``; ``_to_params`` restates them)
@@ -132,6 +132,8 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust,
     if not math.isfinite(cost2):
         status = _NON_FINITE
     lam, nu = lambda0, 2.0
+    coast = False  # lm._iterate's coasting: steps without the acceleration while it is tiny
+    last_dv2 = math.inf  # the previous step's |Dv|²
     it = 0
     while status == _RUNNING and it < max_iter:  # -- lm._iterate
         factored, dv2, dx2, pred2 = _velocity(hess, grad, scale, lam, theta, A, L, v)
@@ -143,7 +145,7 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust,
             excess = 0.0
             # below the rounding noise of the cost the finite-difference acceleration is
             # noise too: such a step is v alone, and its evaluation is saved
-            accelerated = geodesic and not tiny
+            accelerated = geodesic and not tiny and not coast
             if accelerated:
                 excess = _acceleration(value_code, value_regs, curve, space, robust, theta, v,
                                        rows, L, scale, dv2, params, chain, trial, u, jtu, s,
@@ -161,6 +163,10 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust,
             accepted = ok and (rho > accept or (tiny and abs(actred2) <= noise))
             f_hit = pred2 <= tol_f * cost2 and abs(actred2) <= tol_fa * cost2
             x_hit = dv2 <= tol_x * tol_x * dx2
+        coast = (accepted and rho > good_gain and dv2 <= tols[20] * tols[20] * dx2
+                 and ((coast and dv2 <= tols[21] * last_dv2)
+                      or (accelerated and excess <= tols[19])))  # fmt: skip
+        last_dv2 = dv2
         # Nielsen's damping update
         if accepted:
             shrink = 1 - (2 * rho - 1) ** 3
