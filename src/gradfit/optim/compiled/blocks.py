@@ -21,15 +21,15 @@ import numba
 import numpy as np
 import torch
 
-from gradfit.model.parameters import ParameterSpace
 from gradfit.optim.block_lm import BlockEvaluate, Blocks, ChunkMap
+from gradfit.optim.compiled.bridge import _space_arrays
 from gradfit.optim.compiled.interpreter import JIT, PER_CURVE, PER_POINT, SCALAR, encode, run
+from gradfit.optim.compiled.kernel import _cholesky, _cholesky_solve, _to_params
 from gradfit.optim.problem import Problem
 
 Tensor = torch.Tensor
 Arrays = tuple[np.ndarray, ...]
 # bound transforms, this file's own codes (Numba's cache is keyed on this file's text)
-NO_BOUND, BOTH, LOWER, UPPER = range(4)
 # the interpreter's evaluation rates, passed as data for the same reason
 _RATES = (SCALAR, PER_CURVE, PER_POINT)
 
@@ -62,7 +62,7 @@ def block_evaluator(
     sigma = problem.loss.sigma
     sigma_a = _array(sigma).reshape(-1, N) if sigma is not None else np.ones((0, N))
     data = (x, y, sigma_a, _mask_array(mask))
-    space = space_arrays(problem.space)
+    space = _space_arrays(problem.space)  # the LM kernel's encoding of the bounds
     order = np.array([*local_pos, *shared_pos], dtype=np.int64)
     L, S = len(local_pos), len(shared_pos)
     parts = [(start, min(start + chunk, K)) for start in range(0, K, chunk)]
@@ -95,24 +95,6 @@ def block_evaluator(
         return [torch.from_numpy(residuals)], blocks
 
     return evaluate
-
-
-def space_arrays(space: ParameterSpace) -> tuple[np.ndarray, ...]:
-    """Fixed values (NaN: free), free indices, transform codes and bounds, as arrays."""
-    fixed = np.array([math.nan if v is None else v for v in space.fixed], dtype=np.float64)
-    free = space.free
-    kind = np.array([_kind(space.lower[i], space.upper[i]) for i in free], dtype=np.int64)
-    lo = np.array([space.lower[i] or 0.0 for i in free], dtype=np.float64)
-    hi = np.array([space.upper[i] or 0.0 for i in free], dtype=np.float64)
-    return fixed, np.array(free, dtype=np.int64), kind, lo, hi
-
-
-def _kind(lower: float | None, upper: float | None) -> int:
-    if lower is not None and upper is not None:
-        return BOTH
-    if lower is not None:
-        return LOWER
-    return UPPER if upper is not None else NO_BOUND
 
 
 def _mask_array(mask: Tensor) -> np.ndarray:
@@ -180,7 +162,7 @@ def chunk_blocks(
             theta[order[j]] = theta_local[k, j]
         for j in range(S):
             theta[order[L + j]] = theta_shared[j]
-        _to_params(theta, fixed, free, kind, lo, hi, params, chain)
+        _to_params(theta, (fixed, free, kind, lo, hi), params, chain)
         run(code, curve_rate, xs, n, params, regs)
         run(code, point_rate, xs, n, params, regs)
         # rows: ∂f/∂p times the transform's derivative, then f - y; all divided by sigma
@@ -234,29 +216,6 @@ def chunk_blocks(
             residuals[k, where[i]] = r[i]
     sums[S, 0] = cost2
     sums[S, 1] = 0.0 * (diagonal + cost2)  # inf * 0 and NaN * 0 are NaN
-
-
-@numba.njit(inline="always", **JIT)
-def _to_params(
-    theta: np.ndarray, fixed: np.ndarray, free: np.ndarray, kind: np.ndarray, lo: np.ndarray,
-    hi: np.ndarray, params: np.ndarray, chain: np.ndarray,
-) -> None:  # fmt: skip
-    """``ParameterSpace.to_params`` (MINUIT's transforms) and ``derivative``, restated."""
-    for i in range(fixed.shape[0]):
-        params[i] = fixed[i]
-    for j in range(free.shape[0]):
-        t, k = theta[j], kind[j]
-        if k == NO_BOUND:
-            params[free[j]], chain[j] = t, 1.0
-        elif k == BOTH:
-            params[free[j]] = lo[j] + (hi[j] - lo[j]) * (math.sin(t) + 1) / 2
-            chain[j] = (hi[j] - lo[j]) / 2 * math.cos(t)
-        else:
-            root = math.sqrt(t * t + 1)
-            if k == LOWER:
-                params[free[j]], chain[j] = lo[j] - 1 + root, t / root
-            else:
-                params[free[j]], chain[j] = hi[j] + 1 - root, -t / root
 
 
 @numba.njit(**JIT)
@@ -349,40 +308,6 @@ def damped_groups(
                 acc += B[k, a, s] * y[k, a]
             sums[s, S] += acc
     return solved
-
-
-@numba.njit(**JIT)
-def _cholesky(A: np.ndarray, factor: np.ndarray) -> bool:
-    """Lower Cholesky factor of the small SPD ``A``; False where it is not positive definite."""
-    n = A.shape[0]
-    for i in range(n):
-        for j in range(i + 1):
-            s = A[i, j]
-            for m in range(j):
-                s -= factor[i, m] * factor[j, m]
-            if i == j:
-                if not s > 0:
-                    return False
-                factor[i, i] = math.sqrt(s)
-            else:
-                factor[i, j] = s / factor[j, j]
-    return True
-
-
-@numba.njit(**JIT)
-def _cholesky_solve(factor: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    """``out`` = (factor factorᵀ)⁻¹ b."""
-    n = factor.shape[0]
-    for i in range(n):
-        s = b[i]
-        for m in range(i):
-            s -= factor[i, m] * out[m]
-        out[i] = s / factor[i, i]
-    for i in range(n - 1, -1, -1):
-        s = out[i]
-        for m in range(i + 1, n):
-            s -= factor[m, i] * out[m]
-        out[i] = s / factor[i, i]
 
 
 def sums_of_squares(
