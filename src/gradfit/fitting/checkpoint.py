@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradfit.errors import CheckpointError
-from gradfit.io.files import write_with
+from gradfit.errors import CheckpointError, OptionError
+from gradfit.io.files import check_parent, write_with
 from gradfit.model.models import Model
 from gradfit.model.parameters import ParameterSpace
 from gradfit.optim.problem import Hook, LoopState, Problem
@@ -283,3 +283,13 @@ def checkpoint_hook(
         return False
 
     return save_every
+
+
+def checkpoint_interval(every: int | None, optimizer: str, path: str | Path) -> int:
+    """How often (epochs, or batches in mini-batch training) to save to ``path``, checked
+    now: the folder must take the file, and ``every`` be >= 1 (default per optimizer)."""
+    check_parent(Path(path), "checkpoint")  # fail now, not at the first save
+    every = DEFAULT_EVERY[optimizer] if every is None else every
+    if not every >= 1:
+        raise OptionError(f"checkpoint_every must be >= 1, got {every}")
+    return int(every)

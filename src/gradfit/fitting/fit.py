@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradfit.errors import CheckpointError, DataError, ModelError, OptionError, unknown_name
+from gradfit.errors import DataError, ModelError, OptionError, unknown_name
 from gradfit.fitting import checkpoint as checkpoints
 from gradfit.fitting import distributed, minibatch
 from gradfit.fitting.loop import run_loop
 from gradfit.fitting.minibatch import Rows
-from gradfit.fitting.progress import epoch_bar, progress_bar
-from gradfit.io.files import check_parent
+from gradfit.fitting.progress import progress_bar
+from gradfit.fitting.training import train
 from gradfit.io.tables import prepare_data
 from gradfit.model.losses import Loss
 from gradfit.model.models import (
@@ -184,7 +184,7 @@ def fit(
         state = LoopState(theta.detach().clone().requires_grad_(optimizer != "lm"))
     leader = where is None or where.leader  # rank 0 alone writes
     if checkpoint is not None and leader:
-        every = _checkpoint_every(checkpoint_every, optimizer, checkpoint)
+        every = checkpoints.checkpoint_interval(checkpoint_every, optimizer, checkpoint)
         hook = chain_hooks(hook, checkpoints.checkpoint_hook(checkpoint, state, identity, every))
     epoch_limit = opts.epoch_limit(optimizer)
     # no bar for lm: it would need every iteration, which would cost it its compiled kernel
@@ -253,16 +253,16 @@ def _fit_minibatch(
         held = _validation_rows(problem, opts.validation, opts)
         validation = minibatch.Validation.of_rows(held, opts.patience)
     elif opts.validation is not None:
-        train, held_out = minibatch.split_validation(rows.n, float(opts.validation), generator)
+        kept, held_out = minibatch.split_validation(rows.n, float(opts.validation), generator)
         device = problem.y.device
-        if len(train) < len(problem.space.free):
+        if len(kept) < len(problem.space.free):
             raise OptionError(
-                f"validation={opts.validation} leaves {len(train)} training rows for "
+                f"validation={opts.validation} leaves {len(kept)} training rows for "
                 f"{len(problem.space.free)} free parameters"
             )
         held_rows = rows.take(held_out.to(device))
         validation = minibatch.Validation.of_rows(held_rows, opts.patience)
-        rows = rows.take(train.to(device))
+        rows = rows.take(kept.to(device))
         problem = rows.problem(problem)  # the statistics are the training rows'
     step = FIRST_ORDER[optimizer](lr=opts.learning_rate(optimizer))
     identity: dict[str, Any] = {}
@@ -276,46 +276,13 @@ def _fit_minibatch(
             problem, optimizer, step.lr, tol=opts.tol, p0=p_start, batch_size=opts.batch_size,
             shuffle=opts.shuffle, seed=opts.seed, validation=held_id,
         )  # fmt: skip
-    position = minibatch.EpochPosition(generator.get_state())
-    if resume is not None:
-        saved: dict[str, Any] = {}
-        state = checkpoints.load_checkpoint(resume, identity, theta.device, extra=saved)
-        if "minibatch" not in saved:
-            raise CheckpointError(f"{resume}: not a mini-batch checkpoint")
-        position = minibatch.EpochPosition.from_payload(saved["minibatch"])
-    else:
-        state = LoopState(theta.detach().clone().requires_grad_())
-    state.optimizer_state = checkpoints.restore_into(step.init(state.theta), state.optimizer_state)
-    leader = where is None or where.leader
-    save = None
-    every = 0
-    if checkpoint is not None and leader:
-        every = _checkpoint_every(checkpoint_every, optimizer, checkpoint)
-
-        def save() -> None:
-            extra = {"minibatch": position.to_payload()}
-            checkpoints.save_checkpoint(checkpoint, state, identity, extra=extra)
-
-    if where is None:
-        batches = minibatch.InMemory(rows, opts.batch_size, opts.shuffle)
-        runner = minibatch.local_step(step)
-    else:
-        batches = minibatch.InMemory(rows, opts.batch_size, opts.shuffle, where.rank, where.world)
-        runner = distributed.shared_step(step, where)
-    epochs = opts.epoch_limit(optimizer)
-    assert epochs is not None
-    bar = progress and leader
-    shown = epoch_bar(hook, epochs, position.validation_history)
-    with shown if bar else contextlib.nullcontext((hook, None)) as (hooks, on_step):
-        if where is not None:  # a stop asked on any rank stops every rank at the same epoch
-            hooks = distributed.agreed_hook(hooks, where)
-        outcome = minibatch.run_epochs(
-            problem, state, position, batches, runner, generator, epochs=epochs, tol=opts.tol,
-            hook=hooks, validation=validation, save=save, save_every=every, on_step=on_step,
-            stop_now=minibatch.asks_stop(hook) if where is None else None,
-        )  # fmt: skip
-    if save is not None and outcome.status != "diverged":  # resumable where it stopped
-        save()
+    rank, world = (0, 1) if where is None else (where.rank, where.world)
+    batches = minibatch.InMemory(rows, opts.batch_size, opts.shuffle, rank, world)
+    outcome, position = train(
+        problem, theta, step, optimizer, opts, batches, generator, validation,
+        identity=identity, where=where, hook=hook, progress=progress, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, resume=resume,
+    )  # fmt: skip
     result = _result(problem, outcome, optimizer, n_omitted, opts.absolute_sigma, p_start)
     result.validation_history = list(position.validation_history)
     return result if tied is None else _with_tied(result, tied)
@@ -422,14 +389,6 @@ def _check_model_output(model: Model, x: Any, y: Tensor, p: Tensor) -> None:
         raise ModelError(
             f"the model is not finite at p0 ({values()}) at row {row}; choose another p0"
         )
-
-
-def _checkpoint_every(every: int | None, optimizer: str, path: str | Path) -> int:
-    check_parent(Path(path), "checkpoint")  # fail now, not at the first save
-    every = checkpoints.DEFAULT_EVERY[optimizer] if every is None else every
-    if not every >= 1:
-        raise OptionError(f"checkpoint_every must be >= 1, got {every}")
-    return int(every)
 
 
 def _optimise(

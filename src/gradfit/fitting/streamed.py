@@ -20,7 +20,6 @@ row group by row group (P×P and a few numbers); ``fit.png`` shows the first row
 
 from __future__ import annotations
 
-import contextlib
 import math
 import secrets
 from collections.abc import Iterator
@@ -31,16 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradfit.errors import CheckpointError, DataError, OptionError
+from gradfit.errors import DataError, OptionError
 from gradfit.fitting import checkpoint as checkpoints
 from gradfit.fitting import distributed, minibatch
 from gradfit.fitting.minibatch import Batch, EpochPosition, Rows
-from gradfit.fitting.progress import epoch_bar
+from gradfit.fitting.training import train
 from gradfit.io.streamed import ParquetRows, Unit, check_finite
 from gradfit.model.models import Model, numpy_gradient_message
 from gradfit.model.parameters import ParameterSpace
 from gradfit.optim import FIRST_ORDER
-from gradfit.optim.problem import Hook, LoopOutcome, LoopState, Problem
+from gradfit.optim.problem import Hook, LoopOutcome, Problem
 from gradfit.options import FitOptions
 from gradfit.results import stats
 from gradfit.results.fit_result import FitResult
@@ -307,7 +306,7 @@ def fit_streamed(
     ``checkpoint_every`` counts batches (default 1000); a checkpoint holds the position in
     the epoch, and a resumed run rereads the epoch's row groups up to it (bit for bit).
     """
-    from gradfit.fitting.fit import _check_model_output, _checkpoint_every, _starting_params
+    from gradfit.fitting.fit import _check_model_output, _starting_params
 
     opts = options
     optimizer = opts.resolve(batched=False)
@@ -368,26 +367,6 @@ def fit_streamed(
             buffer_rows=buffer_rows, nan_policy=opts.nan_policy,
         )  # fmt: skip
         identity["data"] = identity_of(source, columns)
-    position = EpochPosition(generator.get_state())
-    if resume is not None:
-        saved: dict[str, Any] = {}
-        state = checkpoints.load_checkpoint(resume, identity, theta.device, extra=saved)
-        if "minibatch" not in saved:
-            raise CheckpointError(f"{resume}: not a mini-batch checkpoint")
-        position = EpochPosition.from_payload(saved["minibatch"])
-    else:
-        state = LoopState(theta.detach().clone().requires_grad_())
-    state.optimizer_state = checkpoints.restore_into(step.init(state.theta), state.optimizer_state)
-    leader = where is None or where.leader
-    save, every = None, 0
-    if checkpoint is not None and leader:
-        every = _checkpoint_every(checkpoint_every, optimizer, checkpoint)
-
-        def save() -> None:
-            extra = {"minibatch": position.to_payload()}
-            checkpoints.save_checkpoint(checkpoint, state, identity, extra=extra)
-
-    runner = minibatch.local_step(step) if where is None else distributed.shared_step(step, where)
     validation = None
     if held is not None:
         held_units = held
@@ -396,20 +375,11 @@ def fit_streamed(
             return score_units(batches, held_units, like, at)
 
         validation = minibatch.Validation(held_score, opts.patience)
-    epochs = opts.epoch_limit(optimizer)
-    assert epochs is not None
-    bar = progress and leader
-    shown = epoch_bar(hook, epochs, position.validation_history)
-    with shown if bar else contextlib.nullcontext((hook, None)) as (hooks, on_step):
-        if where is not None:
-            hooks = distributed.agreed_hook(hooks, where)
-        outcome = minibatch.run_epochs(
-            problem, state, position, batches, runner, generator, epochs=epochs, tol=opts.tol,
-            hook=hooks, validation=validation, save=save, save_every=every, on_step=on_step,
-            stop_now=minibatch.asks_stop(hook) if where is None else None,
-        )  # fmt: skip
-    if save is not None and outcome.status != "diverged":
-        save()
+    outcome, position = train(
+        problem, theta, step, optimizer, opts, batches, generator, validation,
+        identity=identity, where=where, hook=hook, progress=progress, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, resume=resume,
+    )  # fmt: skip
     return _finish(
         batches, problem, outcome, optimizer, opts, p_start, where, position.validation_history
     )
