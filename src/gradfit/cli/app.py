@@ -207,7 +207,7 @@ def demo(
     try:
         with output_dir(out or Path("gradfit-demo"), overwrite=overwrite) as staging:
             run = run_demo(seed=seed, epochs=epochs, lr=lr, optimizer=optimizer, progress=True)
-            write_demo(run, staging)
+            written = write_demo(run, staging)
     except GradfitError as error:
         raise fail(str(error)) from None
     table = Table(title=f"y = a x² + b x + c  (seed {run.seed}, {run.result.optimizer})")
@@ -227,8 +227,8 @@ def demo(
         )
     else:
         console.print("[green]reached the least-squares optimum.[/]")
-    console.print(f"wrote {out}/: dataset.png before_training.png history.png "
-                  "after_training.png results.json")  # fmt: skip
+    names = " ".join(path.name for path in written)
+    console.print(f"wrote {out or Path('gradfit-demo')}/: {names}", highlight=False)
 
 
 @app.command(name="fit")
