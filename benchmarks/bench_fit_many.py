@@ -1,5 +1,6 @@
 """fit-many at scale: fits/s of the local engine, of a 2-worker LocalCluster and of xarray's
-``curvefit`` on dask (sample-timed), and the local engine's peak RSS at two input sizes.
+``curvefit`` and astropy's ``parallel_fit_dask`` on dask (sample-timed; astropy where it is
+installed), and the local engine's peak RSS at two input sizes.
 
 The input is generated Parquet (Gaussian curves, one row per point, row groups of 2^20
 rows, so groups straddle row groups) in a temporary folder. The local engine runs in a
@@ -84,8 +85,9 @@ def run_local(data: Path, out: Path) -> dict[str, float]:
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def run_dask(data: Path, out: Path, workers: int) -> tuple[float, float, int, float]:
-    """(cluster start-up seconds, fit seconds, groups, curvefit fits/s) on a LocalCluster."""
+def run_dask(data: Path, out: Path, workers: int) -> tuple[float, float, int, float, float | None]:
+    """(cluster start-up seconds, fit seconds, groups, curvefit fits/s, astropy fits/s or
+    None where astropy is not installed) on a LocalCluster."""
     import gradfit as gf
     from gradfit.batch.dask_engine import DaskEngine
     from gradfit.batch.many import run_fit_many
@@ -98,7 +100,8 @@ def run_dask(data: Path, out: Path, workers: int) -> tuple[float, float, int, fl
                               client=engine.client)  # fmt: skip
         fitted = time.perf_counter()
         curvefit = run_curvefit(engine.client, data)
-    return ready - start, fitted - ready, len(result), curvefit
+        astropy = run_astropy(data)
+    return ready - start, fitted - ready, len(result), curvefit, astropy
 
 
 SAMPLE = [300]
@@ -127,6 +130,30 @@ def run_curvefit(client: object, data: Path) -> float:
     return SAMPLE[0] / seconds
 
 
+def run_astropy(data: Path) -> float | None:
+    """fits/s of astropy's ``parallel_fit_dask`` on the same SAMPLE curves, on the running
+    Dask client (None without astropy: a benchmark reference only, not a dependency)."""
+    try:
+        from astropy.modeling import fitting, models
+    except ImportError:
+        return None
+    table = pq.read_table(data, columns=["t", "signal"]).slice(0, SAMPLE[0] * POINTS[0])
+    y = table.column("signal").to_numpy().reshape(SAMPLE[0], POINTS[0])
+    x = table.column("t").to_numpy()[: POINTS[0]]
+    model = models.Gaussian1D(amplitude=2, mean=0, stddev=1) + models.Const1D(0)
+
+    def fit() -> object:
+        return fitting.parallel_fit_dask(
+            model=model, fitter=fitting.TRFLSQFitter(), data=y, fitting_axes=1, world=(x,),
+            scheduler="default", chunk_n_max=max(SAMPLE[0] // 2, 1),
+        )  # fmt: skip
+
+    fit()  # warm-up: astropy imported on every worker
+    start = time.perf_counter()
+    fit()
+    return SAMPLE[0] / (time.perf_counter() - start)
+
+
 POINTS = [100]
 
 
@@ -151,13 +178,19 @@ def main() -> None:
         print(f"local engine:         {local_rate:9,.0f} fits/s ({local['seconds']:.1f} s, "
               f"peak RSS {peak:.0f} MiB, {converged:,} converged)")  # fmt: skip
         if not args.skip_dask:
-            startup, seconds, groups, curvefit = run_dask(data, folder / "dask.parquet",
-                                                          args.workers)  # fmt: skip
+            startup, seconds, groups, curvefit, astropy = run_dask(
+                data, folder / "dask.parquet", args.workers
+            )
             print(f"LocalCluster {args.workers} workers: {groups / seconds:9,.0f} fits/s "
                   f"({seconds:.1f} s, + {startup:.1f} s cluster start-up), "
                   f"{groups / seconds / local_rate:.2f}x local")  # fmt: skip
             print(f"xarray curvefit/dask: {curvefit:9,.0f} fits/s (sample of {SAMPLE[0]} "
                   f"curves), local engine is {local_rate / curvefit:.0f}x faster")  # fmt: skip
+            if astropy is None:
+                print("astropy parallel_fit_dask: skipped (astropy not installed)")
+            else:
+                print(f"astropy parallel_fit_dask: {astropy:9,.0f} fits/s (same sample), "
+                      f"local engine is {local_rate / astropy:.0f}x faster")  # fmt: skip
         for size in args.rss_rows:
             groups = size // args.points
             path = write_input(folder / f"rss-{size}.parquet", groups, args.points, seed=1)
