@@ -24,7 +24,14 @@ import torch
 from gradfit.optim.block_lm import BlockEvaluate, Blocks, ChunkMap
 from gradfit.optim.compiled.bridge import _space_arrays
 from gradfit.optim.compiled.interpreter import JIT, PER_CURVE, PER_POINT, SCALAR, encode, run
-from gradfit.optim.compiled.kernel import _cholesky, _cholesky_solve, _to_params
+from gradfit.optim.compiled.kernel import (
+    _cholesky,
+    _cholesky_solve,
+    _divide,
+    _output_row,
+    _residual_row,
+    _to_params,
+)
 from gradfit.optim.problem import Problem
 
 Tensor = torch.Tensor
@@ -129,7 +136,7 @@ def chunk_blocks(
     ``order`` lists the free parameters in block order (local, then shared); theta is in the
     space's transformed coordinates (``space = (fixed, free, kind, lo, hi)``).
     """
-    scalar_rate, curve_rate, point_rate = rates
+    _, curve_rate, point_rate = rates  # (scalar, per curve, per point)
     x, y, sigma, mask = data
     fixed, free, kind, lo, hi = space
     A, B, g_local, group_cost2 = out
@@ -138,9 +145,8 @@ def chunk_blocks(
     F = order.shape[0]
     S = F - L
     n_steps = code[0].shape[0]
-    rate, outputs = code[4], code[5]
+    outputs = code[5]
     regs = (np.empty(n_steps), np.empty((n_steps, N)))
-    scalars, points = regs
     xs, ys, ss, where = np.empty(N), np.empty(N), np.empty(N), np.empty(N, dtype=np.int64)
     theta, params, chain = np.empty(F), np.empty(fixed.shape[0]), np.empty(F)
     rows = np.empty((F + 1, N))  # one group's [J; r] in block order
@@ -166,27 +172,12 @@ def chunk_blocks(
         run(code, curve_rate, xs, n, params, regs)
         run(code, point_rate, xs, n, params, regs)
         # rows: ∂f/∂p times the transform's derivative, then f - y; all divided by sigma
-        for j in range(F + 1):
-            row = rows[j]
-            if j < F:
-                f = order[j]
-                slot, ch = outputs[1 + free[f]], chain[f]
-            else:
-                slot, ch = outputs[0], 1.0
-            if rate[slot] == scalar_rate:
-                value = scalars[slot] * ch
-                for i in range(n):
-                    row[i] = value
-            else:
-                column = points[slot]
-                for i in range(n):
-                    row[i] = column[i] * ch
-            if j == F:
-                for i in range(n):
-                    row[i] -= ys[i]
+        for j in range(F):
+            f = order[j]
+            _output_row(code, regs, outputs[1 + free[f]], chain[f], n, rows[j])
             if has_sigma:
-                for i in range(n):
-                    row[i] /= ss[i]
+                _divide(rows[j], ss, n)
+        _residual_row(code, regs, (xs, ys, ss, n, has_sigma), rows[F])
         # the products, straight into the blocks
         r = rows[F]
         for a in range(F):

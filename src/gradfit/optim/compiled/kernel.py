@@ -340,21 +340,12 @@ def _point(code, regs, curve, theta, space, robust, params, chain, rows, hess, g
     free = space[1]
     _to_params(theta, space, params, chain)
     run(code, PER_POINT, xs, n, params, regs)
-    scalars, points = regs
-    rate, outputs = code[4], code[5]
+    outputs = code[5]
     F = free.shape[0]
     for j in range(F):
-        slot, ch, row = outputs[1 + free[j]], chain[j], rows[j]
-        if rate[slot] == SCALAR:
-            value = scalars[slot] * ch
-            for i in range(n):
-                row[i] = value
-        else:
-            column = points[slot]
-            for i in range(n):
-                row[i] = column[i] * ch
+        _output_row(code, regs, outputs[1 + free[j]], chain[j], n, rows[j])
         if has_sigma:
-            _divide(row, ss, n)
+            _divide(rows[j], ss, n)
     _residual_row(code, regs, curve, rows[F])
     if robust[0] == 0:
         return _gram(rows, n, hess, grad)
@@ -366,6 +357,21 @@ def _residuals(code, regs, curve, theta, space, params, chain, out):
     _to_params(theta, space, params, chain)
     run(code, PER_POINT, curve[0], curve[3], params, regs)
     _residual_row(code, regs, curve, out)
+
+
+@numba.njit(inline="always", **JIT)
+def _output_row(code, regs, slot, scale, n, out):
+    """The program's output ``slot`` (a derivative) times ``scale`` at the n points; an
+    output that does not depend on x is one number, broadcast."""
+    scalars, points = regs
+    if code[4][slot] == SCALAR:
+        value = scalars[slot] * scale
+        for i in range(n):
+            out[i] = value
+    else:
+        column = points[slot]
+        for i in range(n):
+            out[i] = column[i] * scale
 
 
 @numba.njit(inline="always", **JIT)
