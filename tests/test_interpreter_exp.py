@@ -7,8 +7,9 @@ from gradfit.optim.compiled import interpreter
 
 
 def compiled_exp(values):
-    out = np.empty_like(values)
-    interpreter._unary_points(interpreter.EXP, values, 0.0, out, len(values))
+    registers = np.stack([values, np.empty_like(values)])  # row 0 in, row 1 out
+    interpreter._unary_points(interpreter.EXP, registers, 0, 0.0, 1, len(values))
+    out = registers[1]
     scalars = np.array([interpreter._unary(interpreter.EXP, v, 0.0) for v in values[:200]])
     np.testing.assert_array_equal(scalars, out[:200])  # one number or a point: the same exp
     return out

@@ -4,8 +4,9 @@ Argument groups travel as tuples: ``code`` and ``regs`` (a program's arrays and 
 see ``interpreter``), ``space`` (fixed values, free indices, bound kinds, bounds) and
 ``curve`` (one curve's valid points ``xs, ys, sigma``, their count, whether sigma is given).
 Step names and order follow ``lm.py``; so do the constants, which ``tols`` carries from it.
-The per-curve functions are inlined into the loop over curves: called, they cost a
-reference count per array in each tuple, about 1 µs of a quadratic fit's 4.
+``fit_curves`` allocates the working arrays; everything it calls runs without Numba's
+reference counting (``interpreter.NO_REFCOUNT``), which cost a third of a Gaussian fit's time
+and half a straight line's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import numba
 import numpy as np
 
-from gradfit.optim.compiled.interpreter import JIT, PER_CURVE, PER_POINT, SCALAR, run
+from gradfit.optim.compiled.interpreter import JIT, NO_REFCOUNT, PER_CURVE, PER_POINT, SCALAR, run
 from gradfit.optim.lm import LMStatus
 
 _RUNNING, _FTOL, _XTOL, _GTOL, _MAX_ITER, _NON_FINITE, _SINGULAR = (
@@ -48,22 +49,38 @@ def fit_curves(value_code, full_code, data, space, robust, tols, max_iter, geode
     (holding the starts), cost, n_iter, status, variance, chi2, r2, n_points)``; ``rows_out``
     (the weighted rows [J; r] at the solution, J in the model's own free parameters) and
     ``costs`` too when they have rows. Returns the number of evaluations."""
-    x, y, sigma, mask = data
-    fixed, free, kind, lo, hi = space
-    theta_out, cost_out, n_iter_out, status_out, variance_out, chi2_out, r2_out, n_out = out
-    K, N = y.shape
-    F = free.shape[0]
-    xs, ys, ss, where = np.empty(N), np.empty(N), np.empty(N), np.empty(N, dtype=np.int64)
+    N, F = data[1].shape[1], space[1].shape[0]
+    # the working arrays, allocated here (the loop runs without reference counting)
+    points = np.empty((4, N))  # xs, ys, sigma and the acceleration's u of the curve
+    where = np.empty(N, dtype=np.int64)
     value_regs = (np.empty(value_code[0].shape[0]), np.empty((value_code[0].shape[0], N)))
     full_regs = (np.empty(full_code[0].shape[0]), np.empty((full_code[0].shape[0], N)))
-    params, chain, theta = np.empty(fixed.shape[0]), np.empty(F), np.empty(F)
-    vectors = np.empty((7, F))  # grad, new_grad and the iteration's F-vectors
+    params, chain = np.empty(space[0].shape[0]), np.empty(F)
+    vectors = np.empty((8, F))  # theta, grad, new_grad and the iteration's F-vectors
     matrices = np.empty((4, F, F))  # hess, new_hess, damped matrix, Cholesky factor
     # current and trial point: Jacobian rows [J; r], then (robust losses) the rows' weights
     # rho' + 2z rho'' and rho'·r; swapped together when a step is accepted
     rows_pair = np.empty((2, F + 3, N))
-    u = np.empty(N)
-    no_bounds = (fixed, free, np.zeros(F, dtype=np.int64), lo, hi)
+    no_kind = np.zeros(F, dtype=np.int64)
+    return _fit_all(value_code, full_code, data, space, robust, tols, max_iter, geodesic, out,
+                    rows_out, costs, (points, where, value_regs, full_regs, params, chain,
+                                      vectors, matrices, rows_pair, no_kind))  # fmt: skip
+
+
+@numba.njit(**NO_REFCOUNT)
+def _fit_all(value_code, full_code, data, space, robust, tols, max_iter, geodesic, out,
+             rows_out, costs, work):  # fmt: skip
+    """``fit_curves``'s loop over curves, in the working arrays ``work``."""
+    x, y, sigma, mask = data
+    fixed, free, kind, lo, hi = space
+    theta_out, cost_out, n_iter_out, status_out, variance_out, chi2_out, r2_out, n_out = out
+    points, where, value_regs, full_regs, params, chain, vectors, matrices, rows_pair = work[:9]
+    no_kind = work[9]
+    K, N = y.shape
+    F = free.shape[0]
+    xs, ys, ss, u = points[0], points[1], points[2], points[3]
+    theta = vectors[7]
+    no_bounds = (fixed, free, no_kind, lo, hi)
     bounded = False
     for j in range(F):
         bounded |= kind[j] != NO_BOUND
@@ -74,7 +91,8 @@ def fit_curves(value_code, full_code, data, space, robust, tols, max_iter, geode
         fresh_x = _gather(k, x, y, sigma, mask, xs, ys, ss, where)
         n = N if mask.shape[0] == 0 else fresh_x
         curve = (xs, ys, ss, n, sigma.shape[0] > 0)
-        theta[:] = theta_out[k]
+        for j in range(F):  # loops, not slice copies: those allocate
+            theta[j] = theta_out[k, j]
         _to_params(theta, space, params, chain)
         if fresh_x > 0:
             run(value_code, PER_CURVE, xs, n, params, value_regs)
@@ -84,7 +102,8 @@ def fit_curves(value_code, full_code, data, space, robust, tols, max_iter, geode
             max_iter, geodesic, theta, params, chain, vectors, matrices, rows_pair, u, costs, k,
         )  # fmt: skip
         n_eval += evals
-        theta_out[k] = theta
+        for j in range(F):
+            theta_out[k, j] = theta[j]
         cost_out[k], n_iter_out[k], n_out[k] = 0.5 * cost2, it, n
         status_out[k] = _MAX_ITER if status == _RUNNING else status
         if bounded:  # statistics need derivatives in the model's own parameters
@@ -105,7 +124,7 @@ def fit_curves(value_code, full_code, data, space, robust, tols, max_iter, geode
     return n_eval
 
 
-@numba.njit(inline="always", **JIT)
+@numba.njit(inline="always", **NO_REFCOUNT)
 def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust, tols,
              max_iter, geodesic, theta, params, chain, vectors, matrices, rows_pair, u, costs,
              k):  # fmt: skip
@@ -214,7 +233,7 @@ def _fit_one(value_code, full_code, value_regs, full_regs, curve, space, robust,
     return status, it, cost2, evals, rows, hess
 
 
-@numba.njit(inline="always", **JIT)
+@numba.njit(inline="always", **NO_REFCOUNT)
 def _velocity(hess, grad, scale, lam, theta, A, L, v):
     """v = -(JᵀJ + λD²)⁻¹ Jᵀr; returns (factored, |Dv|², |Dθ|², twice the predicted
     reduction λ|Dv|² - gᵀv)."""
@@ -235,7 +254,7 @@ def _velocity(hess, grad, scale, lam, theta, A, L, v):
     return True, dv2, dx2, lam * dv2 - gv
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _rejected_damping(L, scale, v, dv2, lam, excess, shrink, q):
     """lm._rejected_damping: one Newton step on 1/|Dv(λ)| towards |Dv| shrunk to ``shrink``
     (less by the root of an ``excess`` above 1); q = L⁻¹D²v is written into ``q``."""
@@ -251,7 +270,7 @@ def _rejected_damping(L, scale, v, dv2, lam, excess, shrink, q):
     return lam + dv2 * (1 - target) / (target * q2)
 
 
-@numba.njit(inline="always", **JIT)
+@numba.njit(inline="always", **NO_REFCOUNT)
 def _acceleration(value_code, value_regs, curve, space, robust, theta, v, rows, L, scale, dv2,
                   params, chain, trial, u, jtu, s, tols):  # fmt: skip
     """Transtrum–Sethna (lm._geodesic): s = (JᵀJ + λD²)⁻¹ Jᵀu with u = r(θ + hv) - r(θ) - hJv;
@@ -277,7 +296,7 @@ def _acceleration(value_code, value_regs, curve, space, robust, theta, v, rows, 
     return ds2 / ((alpha * h * h / 4) ** 2 * dv2)
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _gather(k, x, y, sigma, mask, xs, ys, ss, where):
     """Curve k's valid points, in order, into xs, ys, ss (positions in ``where``); their count.
 
@@ -310,7 +329,7 @@ def _gather(k, x, y, sigma, mask, xs, ys, ss, where):
     return n
 
 
-@numba.njit(inline="always", **JIT)
+@numba.njit(inline="always", **NO_REFCOUNT)
 def _to_params(theta, space, params, chain):
     """MINUIT's bound transforms (``ParameterSpace.to_params``) and their derivatives."""
     fixed, free, kind, lo, hi = space
@@ -331,7 +350,7 @@ def _to_params(theta, space, params, chain):
                 params[free[j]], chain[j] = hi[j] + 1 - root, -t / root
 
 
-@numba.njit(inline="always", **JIT)
+@numba.njit(inline="always", **NO_REFCOUNT)
 def _point(code, regs, curve, theta, space, robust, params, chain, rows, hess, grad):
     """Rows [J; r] at theta (∂r/∂θ_j through the bound transforms, all divided by sigma),
     then JᵀJ and Jᵀr (reweighted for a robust loss); returns twice the cost, NaN where the
@@ -352,14 +371,14 @@ def _point(code, regs, curve, theta, space, robust, params, chain, rows, hess, g
     return _robust_gram(rows, n, hess, grad, robust)
 
 
-@numba.njit(inline="always", **JIT)
+@numba.njit(inline="always", **NO_REFCOUNT)
 def _residuals(code, regs, curve, theta, space, params, chain, out):
     _to_params(theta, space, params, chain)
     run(code, PER_POINT, curve[0], curve[3], params, regs)
     _residual_row(code, regs, curve, out)
 
 
-@numba.njit(inline="always", **JIT)
+@numba.njit(inline="always", **NO_REFCOUNT)
 def _output_row(code, regs, slot, scale, n, out):
     """The program's output ``slot`` (a derivative) times ``scale`` at the n points; an
     output that does not depend on x is one number, broadcast."""
@@ -374,7 +393,7 @@ def _output_row(code, regs, slot, scale, n, out):
             out[i] = column[i] * scale
 
 
-@numba.njit(inline="always", **JIT)
+@numba.njit(inline="always", **NO_REFCOUNT)
 def _residual_row(code, regs, curve, out):
     """(f - y) / sigma from the program's value root."""
     _, ys, ss, n, has_sigma = curve
@@ -392,7 +411,7 @@ def _residual_row(code, regs, curve, out):
         _divide(out, ss, n)
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _gram(rows, n, hess, grad):
     """JᵀJ and Jᵀr from the rows [J; r]; returns rᵀr, NaN where JᵀJ is not finite."""
     F = hess.shape[0]
@@ -405,7 +424,7 @@ def _gram(rows, n, hess, grad):
     return _dot(rows[F], rows[F], n) + 0.0 * diagonal  # inf * 0 and NaN * 0 are NaN
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _robust_gram(rows, n, hess, grad, robust):
     """SciPy's scaling for robust losses (lm._Evaluator._robust_point): with z = (r/f)², the
     gradient Σ rho'·r·J and the matrix Σ (rho' + 2z rho'')·J Jᵀ; returns f² Σ rho."""
@@ -432,7 +451,7 @@ def _robust_gram(rows, n, hess, grad, robust):
     return f * f * total + 0.0 * diagonal
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _rho(loss, z):
     """(rho, rho', rho'') of ``losses.py``'s robust losses at z (SciPy's convention)."""
     if loss == HUBER:
@@ -453,7 +472,7 @@ def _rho(loss, z):
     return math.nan, math.nan, math.nan  # pragma: no cover - bridge passes no other code
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _rescale(scale, column2, stale):
     """lm._rescale: MINPACK's non-decreasing scale, at most ``stale`` times the column's."""
     if not column2 > 0:
@@ -461,13 +480,13 @@ def _rescale(scale, column2, stale):
     return min(max(scale, column2), column2 * stale)
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _column2(rows, hess, j, n, robust):
     """|J_j|², the squared norm of column j of the un-reweighted Jacobian."""
     return hess[j, j] if robust[0] == 0 else _dot(rows[j], rows[j], n)
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _gtol_hit(grad, rows, hess, n, robust, cost2, gtol):
     """MINPACK's max_j |g_j| / (|J_j| |r|) <= gtol, squared; zero columns and exact fits pass."""
     for j in range(grad.shape[0]):  # Numba compiles loops, not all(generator)
@@ -476,7 +495,7 @@ def _gtol_hit(grad, rows, hess, n, robust, cost2, gtol):
     return True
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _exact(theta, scale, cost2, cost2_start, tols):
     """lm._stationary's exact-fit case: the residuals are rounding noise."""
     dx2 = 0.0
@@ -486,7 +505,7 @@ def _exact(theta, scale, cost2, cost2_start, tols):
     return cost2 <= _EPS * cost2_start or cost2 <= noise * noise * dx2
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _stationary(hess, grad, scale, theta, cost2, tols, A, L, w):
     """lm._stationary, less its exact-fit case (``_exact``): whether the nearly undamped step
     w predicts a relative reduction below tolerance, and whether that step would end the fit
@@ -508,7 +527,7 @@ def _stationary(hess, grad, scale, theta, cost2, tols, A, L, w):
     return flat, dw2 <= tols[3] * tols[3] * dx2 and predicted <= tols[2] * cost2
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _statistics(rows, hess, curve, L, W, k, variance_out, chi2_out, r2_out, max_inflation):
     """χ², R² and the diagonal of (JᵀJ)⁻¹ (as ``batch._curve_statistics``) into row k; NaN
     where it inflates the parameter beyond ``max_inflation`` (``stats.estimable_variance``)."""
@@ -532,7 +551,8 @@ def _statistics(rows, hess, curve, L, W, k, variance_out, chi2_out, r2_out, max_
             estimable = acc > 0 and acc * hess[j, j] <= max_inflation
             variance_out[k, j] = acc if estimable else math.nan
     else:
-        variance_out[k, :] = math.nan
+        for j in range(F):
+            variance_out[k, j] = math.nan
     mean = 0.0
     for i in range(n):
         mean += ys[i]
@@ -548,7 +568,7 @@ def _statistics(rows, hess, curve, L, W, k, variance_out, chi2_out, r2_out, max_
 # -- small dense linear algebra and vector loops (vectorised by LLVM)
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _cholesky(A, L):
     """Lower factor of the SPD ``A`` into ``L``; False where A is not positive definite."""
     F = A.shape[0]
@@ -566,7 +586,7 @@ def _cholesky(A, L):
     return True
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _cholesky_solve(L, b, out):
     F = L.shape[0]
     for i in range(F):
@@ -581,7 +601,7 @@ def _cholesky_solve(L, b, out):
         out[i] = s / L[i, i]
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _dot(u, w, n):
     s = 0.0
     for i in range(n):
@@ -589,13 +609,13 @@ def _dot(u, w, n):
     return s
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _axpy(u, row, w, n):
     for i in range(n):
         u[i] += w * row[i]
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _divide(row, ss, n):
     for i in range(n):
         row[i] /= ss[i]
