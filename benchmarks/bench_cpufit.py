@@ -182,6 +182,35 @@ def interleaved_best(repeats: int, *fns: Callable[[], object]) -> list[tuple[flo
     return best
 
 
+def outside_kernel(run: Callable[[], object], threads: int, repeats: int) -> float:
+    """The share of the cores' time a fit_batch call spends outside the compiled kernel
+    (chunking, conversions, result assembly, idle cores): 1 - Σ kernel time / (threads ×
+    wall time), from the fastest of ``repeats`` calls."""
+    from gradfit.optim.compiled import kernel
+
+    inner = kernel.fit_curves
+    spans: list[float] = []
+
+    def timed(*args: object) -> object:
+        start = time.perf_counter()
+        out = inner(*args)
+        spans.append(time.perf_counter() - start)  # list.append is atomic under the GIL
+        return out
+
+    kernel.fit_curves = timed
+    try:
+        best = np.inf
+        for _ in range(repeats):
+            spans.clear()
+            start = time.perf_counter()
+            run()
+            wall = time.perf_counter() - start
+            best = min(best, 1 - sum(spans) / (threads * wall))
+    finally:
+        kernel.fit_curves = inner
+    return float(best)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -228,6 +257,8 @@ def main() -> None:
                 f"  K={K:>7,}: gradfit {K / t_ours:10,.0f} fits/s, iterations {iters:5.2f}, "
                 f"agree(1e-6) {100 * agree:5.1f}%, converged {100 * conv:5.1f}%"
             )
+            share = outside_kernel(runs[0], args.threads, args.repeats)
+            print(f"           outside the kernel {100 * share:4.1f}% of the cores' time")
             if cpufit is None:
                 continue
             t_cpu, (params, states, n_iter) = timed[1]  # type: ignore[misc]

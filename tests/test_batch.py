@@ -310,3 +310,29 @@ def test_an_incomplete_run_leaves_the_previous_file_alone(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["fits.parquet"]
     with pytest.raises(gf.OptionError, match=r"use a \.parquet or \.csv file"):
         gf.fit_batch("gaussian", x, y, out=tmp_path / "fits.txt")
+
+
+def test_missing_y_found_by_the_kernel_equal_an_explicit_mask():
+    """With a start given, fit_batch leaves non-finite y values to the compiled kernel's own
+    pass: the same fits as the mask path, each the closed-form line through its points."""
+    rng = np.random.default_rng(11)
+    K, N = 9, 25
+    x = np.linspace(-1, 3, N)
+    y = 1.5 - 0.7 * x + rng.normal(0, 0.1, (K, N))
+    y[1, [0, 5, 24]] = np.nan  # holes, then a whole curve: x must be gathered again
+    y[3, 7] = np.inf
+    y[4, :] = np.nan  # no data
+    y[6, 1:] = -np.inf  # one point for two parameters
+    y[7, ::2] = np.nan
+    found = gf.fit_batch("a*x + b", x, y, p0=[1.0, 1.0])
+    masked = gf.fit_batch("a*x + b", x, y, mask=np.isfinite(y), p0=[1.0, 1.0])
+    status = found.status_names
+    assert status[4] == "no_data" and status[6] == "too_few_points"
+    assert status == masked.status_names
+    torch.testing.assert_close(found.params, masked.params, equal_nan=True, rtol=1e-12, atol=0)
+    torch.testing.assert_close(found.stderr, masked.stderr, equal_nan=True, rtol=1e-9, atol=0)
+    assert found.n_points.tolist() == np.isfinite(y).sum(1).tolist()
+    for k in (0, 1, 2, 3, 5, 7, 8):
+        keep = np.isfinite(y[k])
+        slope, intercept = np.polyfit(x[keep], y[k][keep], 1)
+        assert found.params[k].tolist() == pytest.approx([slope, intercept], rel=1e-9)

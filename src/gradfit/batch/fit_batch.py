@@ -166,14 +166,27 @@ def fit_batch(
         if len(p0.shape) == 2 and p0.shape[0] != K:
             raise OptionError(f"p0 has {p0.shape[0]} rows for {K} curves; give [P] or [K, P]")
     space = ParameterSpace.build(model.param_names, opts.bounds, opts.fixed)
-    chunk = chunk_size or _balanced(
-        default_chunk_size(N, len(model.param_names), device, memory_budget), K, device
-    )
-    chunks = [(start, min(start + chunk, K)) for start in range(0, K, chunk)]
+
+    check_y = True  # else the compiled kernel finds non-finite y values (see _batch_tensors)
 
     def tensors(start: int, stop: int) -> dict[str, Tensor | None]:
         x_k, y_k, sigma_k, mask_k = (_rows(v, start, stop, K) for v in (x, y, sigma, mask))
-        return _batch_tensors(x_k, y_k, sigma_k, mask_k, dtype, device, first=start)
+        return _batch_tensors(x_k, y_k, sigma_k, mask_k, dtype, device, start, check_y)
+
+    compiled = (
+        optimizer == "lm"
+        and K > 0
+        and _compiled_kernel_fits(
+            model, tensors(0, 1), space, loss_fn.with_options(f_scale=f_scale), dtype
+        )
+    )
+    # a start that does not read the data (given, or no guess) and no ties (whose
+    # statistics use the mask) leave finding the missing y to the kernel's own pass over y
+    check_y = not compiled or tied is not None or (_guessed(p0) and model.guess_fn is not None)
+    chunk = chunk_size or _balanced(
+        default_chunk_size(N, len(model.param_names), device, memory_budget, compiled), K, device
+    )
+    chunks = [(start, min(start + chunk, K)) for start in range(0, K, chunk)]
 
     if sigma is not None:  # a bad sigma fails before any curve is fitted
         for start, stop in chunks:
@@ -330,15 +343,28 @@ def _rows(value: Any, start: int, stop: int, K: int) -> Any:
 
 
 def _batch_tensors(
-    x: Any, y: Any, sigma: Any, mask: Any, dtype: torch.dtype, device: Any, first: int = 0
+    x: Any,
+    y: Any,
+    sigma: Any,
+    mask: Any,
+    dtype: torch.dtype,
+    device: Any,
+    first: int = 0,
+    check_y: bool = True,
 ) -> dict[str, Tensor | None]:
     """One chunk's tensors (shapes checked already): NaN/inf folded into the mask, masked
-    points filled with harmless values. ``first`` is the chunk's first curve, for messages."""
+    points filled with harmless values. ``first`` is the chunk's first curve, for messages.
+
+    Without ``check_y`` (the compiled kernel fits the chunk, its start does not read y), y is
+    taken as it is: the kernel leaves out non-finite values itself, in the pass over y it
+    makes anyway, and fit_batch then marks curves left with too few points. This check was a
+    second pass over y from memory, a tenth of a straight line's fit."""
     y_t = _tensor(y, dtype, device)
     K, N = y_t.shape
     x_t = _tensor(x, dtype, device)
-    if mask is None and sigma is None and x_t.dim() == 1 and _finite(y_t, x_t):
-        # the common case, every point valid: checked by one sum, no copy, no [K, N] mask
+    if mask is None and sigma is None and x_t.dim() == 1 and _finite(y_t if check_y else None, x_t):
+        # the common case, every point valid (or y left to the kernel): checked by one sum,
+        # no copy, no [K, N] mask
         every = torch.ones((), dtype=torch.bool, device=y_t.device).expand(K, N)
         return {"x": x_t, "y": y_t, "sigma": None, "mask": every}
     valid = torch.isfinite(y_t) & torch.isfinite(x_t)
@@ -363,10 +389,10 @@ def _batch_tensors(
     return {"x": x_t, "y": y_t, "sigma": s_t, "mask": valid}
 
 
-def _finite(y: Tensor, x: Tensor) -> bool:
-    """Whether every value of ``y`` and ``x`` is finite: a sum of finite values can be
-    infinite (overflow), but one with a NaN or an infinity never is finite."""
-    return bool(torch.isfinite(y.sum(-1)).all()) and bool(torch.isfinite(x).all())
+def _finite(y: Tensor | None, x: Tensor) -> bool:
+    """Whether every value of ``y`` (if given) and ``x`` is finite: a sum of finite values
+    can be infinite (overflow), but one with a NaN or an infinity never is finite."""
+    return (y is None or bool(torch.isfinite(y.sum(-1)).all())) and bool(torch.isfinite(x).all())
 
 
 def _all_valid(mask: Tensor) -> bool:
@@ -394,18 +420,45 @@ def _tensor(value: Any, dtype: torch.dtype, device: Any) -> Tensor:
 
 
 def default_chunk_size(
-    n_points: int, n_params: int, device: Any = None, memory_budget: int | None = None
+    n_points: int,
+    n_params: int,
+    device: Any = None,
+    memory_budget: int | None = None,
+    compiled: bool = False,
 ) -> int:
-    """Curves per chunk so that one chunk's working set fits ``memory_budget`` bytes."""
+    """Curves per chunk so that one chunk's working set fits ``memory_budget`` bytes;
+    ``compiled``: the compiled LM kernel fits them, one curve at a time in a small buffer."""
     if memory_budget is None:
         memory_budget = CPU_MEMORY
         device = torch.device(device) if device is not None else None
         if device is not None and device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             memory_budget = int(free * GPU_MEMORY_FRACTION)
-    # the Jacobian rows and a dozen residual-sized temporaries dominate the working set
-    per_curve = 8 * n_points * (3 * n_params + 12)
+    # the Jacobian rows and a dozen residual-sized temporaries dominate the working set;
+    # the compiled kernel needs only the chunk's inputs (x, y, sigma, mask when copied) and
+    # its outputs: larger chunks, whose fixed cost (a few dozen small tensor operations,
+    # serialised between threads by the GIL) was a third of a straight line's fit
+    per_curve = 8 * n_points * (4 if compiled else 3 * n_params + 12)
     return int(max(256, min(1 << 22, memory_budget // max(per_curve, 1))))
+
+
+def _compiled_kernel_fits(
+    model: Model, first: dict[str, Tensor | None], space: ParameterSpace, loss_fn: Loss,
+    dtype: torch.dtype,
+) -> bool:  # fmt: skip
+    """Whether ``_lm_chunk`` will give every chunk to the compiled kernel: asked of the
+    first curve (``first``, its tensors), as the model, loss, dtype and device are the same
+    for all."""
+    x, y = first["x"], first["y"]
+    assert x is not None and y is not None
+    problem = Problem(model, x, y, loss_fn.with_options(sigma=first["sigma"]), space)
+    theta0 = torch.empty(1, len(space.free), dtype=dtype, device=y.device)
+    return lm_kernel(problem, _robust(loss_fn), theta0, per_iteration=False) is not None
+
+
+def _robust(loss_fn: Loss) -> Any:
+    """The LM kernels' ``robust``: None for plain least squares, else the loss's rho."""
+    return None if loss_fn.name in ("mse", "sse", "chi2") else loss_fn.rho
 
 
 def _balanced(chunk: int, K: int, device: Any) -> int:
@@ -419,13 +472,18 @@ def _balanced(chunk: int, K: int, device: Any) -> int:
     return -(-K // (rounds * workers))
 
 
+def _guessed(p0: Any) -> bool:
+    """Whether ``_start`` asks the model for (some) starting values: no p0, or a mapping."""
+    return p0 is None or isinstance(p0, Mapping)
+
+
 def _start(
     model: Model, p0: Any, x: Tensor, y: Tensor, mask: Tensor, start: int, stop: int
 ) -> Tensor:
     """``[k, P]`` starting values of curves ``start:stop``, chosen as ``fit`` chooses them."""
     k, names = y.shape[0], model.param_names
     dtype, device = y.dtype, y.device
-    if p0 is None or isinstance(p0, Mapping):
+    if _guessed(p0):
         base = _default_start(model, x, y, mask).to(dtype).expand(k, len(names)).clone()
         for name, value in (p0 or {}).items():
             if name not in names:
@@ -473,9 +531,11 @@ def _fit_chunk(
     # fit refuses a curve with fewer points than free parameters: no start to check, and a
     # NaN start makes both kernels and the first-order loop drop it at once (no iterations)
     # a curve with no valid point is not fitted even when every parameter is fixed
+    few: Tensor | None = None  # every point valid and enough of them: no curve to mark
     n_valid = _count_valid(mask)
-    few = (n_valid < len(space.free)) | (n_valid == 0)
-    p_start = torch.where(few.unsqueeze(-1), torch.nan, p_start)
+    if not (_all_valid(mask) and y.shape[-1] >= max(len(space.free), 1)):
+        few = (n_valid < len(space.free)) | (n_valid == 0)
+        p_start = torch.where(few.unsqueeze(-1), torch.nan, p_start)
     space.check_start(p_start)
     problem = Problem(model, x, y, loss_fn.with_options(f_scale=f_scale, sigma=sigma), space)
     if optimizer in FIRST_ORDER:
@@ -485,7 +545,13 @@ def _fit_chunk(
     else:
         result = _lm_chunk(problem, p_start, mask, f_scale, epochs, tol, absolute_sigma)
     fixed = tuple(n for n, v in zip(space.names, space.fixed, strict=True) if v is not None)
-    result = _mark_unfitted(replace(result, fixed=fixed), n_valid, few)
+    result = replace(result, fixed=fixed)
+    if few is None and bool((result.n_points < y.shape[-1]).any()):
+        # the compiled kernel left out non-finite y values (_batch_tensors' check_y)
+        n_valid = result.n_points
+        few = (n_valid < len(space.free)) | (n_valid == 0)
+    if few is not None:
+        result = _mark_unfitted(result, n_valid, few)
     return result if tied is None else _with_tied(problem, result, mask, tied, absolute_sigma)
 
 
@@ -565,7 +631,7 @@ def _lm_chunk(
     options["linear"] = linear_in_params(problem)  # as fit's run_lm
     if epochs is not None:
         options["max_iter"] = epochs
-    robust = None if loss_fn.name in ("mse", "sse", "chi2") else loss_fn.rho
+    robust = _robust(loss_fn)
     kernel_mask = None if _all_valid(mask) else mask
     theta0 = space.to_theta(p_start)
     lm_compiled = lm_kernel(problem, robust, theta0, per_iteration=False)  # as fit's run_lm
@@ -590,16 +656,19 @@ def _lm_chunk(
 
 def _compiled_result(problem: Problem, fitted: CompiledFit, absolute_sigma: bool) -> BatchResult:
     """A chunk's result from the compiled kernel, which computed the statistics itself."""
+    # one native call: a chunk's dozen small tensor operations, each releasing and taking
+    # back the GIL, held up the threads that fit chunks side by side
+    from gradfit.optim.compiled.bridge import batch_outputs
+
     space, t = problem.space, torch.from_numpy
-    n, chi2 = t(fitted.n_points), t(fitted.chi2)
-    dof = (n - len(space.free)).to(chi2.dtype)
-    reduced_chi2 = torch.where(dof > 0, chi2 / dof.clamp_min(1), torch.nan)
+    reduced_chi2, stderr, loss = batch_outputs(
+        fitted, space.free, len(space.names), absolute_sigma, problem.loss.reduction == "mean"
+    )
     params = space.to_params(t(fitted.theta))
-    stderr = _stderr(params, space.free, t(fitted.variance), reduced_chi2, absolute_sigma)
     return BatchResult(
-        params=params, stderr=stderr, loss=_lm_loss(t(fitted.cost), n, problem.loss),
-        n_iter=t(fitted.n_iter), status=t(fitted.status), param_names=space.names,
-        reduced_chi2=reduced_chi2, r2=t(fitted.r2), n_points=n, loss_name=problem.loss.name,
+        params=params, stderr=t(stderr), loss=t(loss), n_iter=t(fitted.n_iter),
+        status=t(fitted.status), param_names=space.names, reduced_chi2=t(reduced_chi2),
+        r2=t(fitted.r2), n_points=t(fitted.n_points), loss_name=problem.loss.name,
     )  # fmt: skip
 
 

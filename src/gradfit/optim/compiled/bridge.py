@@ -144,6 +144,17 @@ def fit_curves(
     )  # fmt: skip
 
 
+def batch_outputs(
+    fitted: CompiledFit, free: list[int], n_params: int, absolute_sigma: bool, per_point: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """χ²ᵣ ``[K]``, stderr ``[K, P]`` and the loss ``[K]`` of a chunk's compiled fit (see
+    ``kernel.batch_outputs``)."""
+    return kernel.batch_outputs(  # type: ignore[no-any-return]
+        fitted.n_points, fitted.chi2, fitted.variance, fitted.cost,
+        np.asarray(free, dtype=np.int64), n_params, absolute_sigma, per_point,
+    )  # fmt: skip
+
+
 def _space_arrays(space: ParameterSpace) -> tuple[np.ndarray, ...]:
     return _bound_arrays(space.fixed, space.lower, space.upper)
 

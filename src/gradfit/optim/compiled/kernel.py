@@ -85,16 +85,18 @@ def _fit_all(value_code, full_code, data, space, robust, tols, max_iter, geodesi
     for j in range(F):
         bounded |= kind[j] != NO_BOUND
     n_eval = 0
+    whole = False  # xs hold every point of the one x all curves share
     for k in range(K):
         # every point valid and one x for all curves (the common case): the x-only steps
         # (PER_CURVE, e.g. x**2) are the same for every curve, computed once
-        fresh_x = _gather(k, x, y, sigma, mask, xs, ys, ss, where)
-        n = N if mask.shape[0] == 0 else fresh_x
+        n, fresh_x = _gather(k, x, y, sigma, mask, xs, ys, ss, where, whole)
+        whole = n == N
         curve = (xs, ys, ss, n, sigma.shape[0] > 0)
         for j in range(F):  # loops, not slice copies: those allocate
-            theta[j] = theta_out[k, j]
+            # too few points (fit_batch marks the curve): a NaN start ends it at once
+            theta[j] = theta_out[k, j] if n >= F and n > 0 else math.nan
         _to_params(theta, space, params, chain)
-        if fresh_x > 0:
+        if fresh_x:
             run(value_code, PER_CURVE, xs, n, params, value_regs)
             run(full_code, PER_CURVE, xs, n, params, full_regs)
         status, it, cost2, evals, rows, hess = _fit_one(
@@ -122,6 +124,26 @@ def _fit_all(value_code, full_code, data, space, robust, tols, max_iter, geodesi
                 for i in range(n):
                     rows_out[k, j, where[i]] = rows[j, i]
     return n_eval
+
+
+@numba.njit(**JIT)
+def batch_outputs(n_points, chi2, variance, cost, free, n_params, absolute_sigma, per_point):
+    """fit_batch's per-curve columns from ``fit_curves``' outputs, in one pass without the
+    GIL: χ²ᵣ (NaN without degrees of freedom), stderr ``[K, P]`` (sqrt of the variance,
+    scaled by χ²ᵣ unless ``absolute_sigma``; NaN for fixed parameters) and the loss (2·cost,
+    per point if ``per_point``), as ``fit_batch._stderr`` and ``_lm_loss`` compute them."""
+    K, F = variance.shape
+    reduced = np.empty(K)
+    stderr = np.full((K, n_params), np.nan)
+    loss = np.empty(K)
+    for k in range(K):
+        n = n_points[k]
+        reduced[k] = chi2[k] / (n - F) if n > F else math.nan
+        scale = 1.0 if absolute_sigma else reduced[k]
+        for j in range(F):
+            stderr[k, free[j]] = math.sqrt(variance[k, j] * scale)
+        loss[k] = 2 * cost[k] / (max(n, 1) if per_point else 1)
+    return reduced, stderr, loss
 
 
 @numba.njit(inline="always", **NO_REFCOUNT)
@@ -297,36 +319,46 @@ def _acceleration(value_code, value_regs, curve, space, robust, theta, v, rows, 
 
 
 @numba.njit(**NO_REFCOUNT)
-def _gather(k, x, y, sigma, mask, xs, ys, ss, where):
-    """Curve k's valid points, in order, into xs, ys, ss (positions in ``where``); their count.
+def _gather(k, x, y, sigma, mask, xs, ys, ss, where, whole):
+    """Curve k's valid points, in order, into xs, ys, ss (positions in ``where``); returns
+    (their count, whether xs changed).
 
-    Without a mask (every point valid) it copies rows without a branch per point, and
-    returns 0 where xs (and ss) still hold curve k - 1's, which are curve k's too."""
+    A point is valid where ``mask`` says so (fit_batch folds non-finite values into it, and
+    fills those points with finite ones); without a mask, where y is finite: fit_batch may
+    leave that check to this pass, which reads y anyway, and whose copy without a branch per
+    point is then also its check. ``whole``: xs still hold all of the one x that every curve
+    shares (the previous curve had every point), which this curve's are too.
+    """
     N = y.shape[1]
     if mask.shape[0] == 0:
+        check = 0.0
         for i in range(N):
             ys[i] = y[k, i]
-        if k > 0 and x.shape[0] == 1 and sigma.shape[0] <= 1:
-            return 0
-        xk = x[k if x.shape[0] > 1 else 0]
-        for i in range(N):
-            xs[i], where[i] = xk[i], i
-        if sigma.shape[0] > 0:
-            sk = sigma[k if sigma.shape[0] > 1 else 0]
+            check += ys[i] * 0.0  # NaN once a y is NaN or infinite
+        if check == 0:
+            if whole and x.shape[0] == 1 and sigma.shape[0] <= 1:
+                return N, False
+            xk = x[k if x.shape[0] > 1 else 0]
             for i in range(N):
-                ss[i] = sk[i]
-        else:
-            for i in range(N):
-                ss[i] = 1.0
-        return N
+                xs[i], where[i] = xk[i], i
+            if sigma.shape[0] > 0:
+                sk = sigma[k if sigma.shape[0] > 1 else 0]
+                for i in range(N):
+                    ss[i] = sk[i]
+            else:
+                for i in range(N):
+                    ss[i] = 1.0
+            return N, True
     xk = x[k if x.shape[0] > 1 else 0]
     n = 0
     for i in range(N):
-        if mask.shape[0] == 0 or mask[k if mask.shape[0] > 1 else 0, i]:
+        if (mask.shape[0] == 0 or mask[k if mask.shape[0] > 1 else 0, i]) and math.isfinite(
+            y[k, i]
+        ):
             xs[n], ys[n], where[n] = xk[i], y[k, i], i
             ss[n] = sigma[k if sigma.shape[0] > 1 else 0, i] if sigma.shape[0] > 0 else 1.0
             n += 1
-    return n
+    return n, True
 
 
 @numba.njit(inline="always", **NO_REFCOUNT)
