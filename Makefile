@@ -19,15 +19,16 @@ demo: $(BIN)/gradfit
 	$(BIN)/gradfit demo --out gradfit-demo --overwrite
 
 # the behaviour tests once more on the PyTorch LM kernel alone (test_lm_compiled and test_mgh
-# compare the two kernels directly)
+# compare the two kernels directly); first-order and LBFGS fits do not use an LM kernel
 KERNEL_TESTS := tests/test_nist_fit.py tests/test_robust_vs_scipy.py tests/test_fit.py tests/test_warnings.py
+NOT_LM := -k "not (gd or sgd or adam or lbfgs)"
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
-	GRADFIT_COMPILED=0 $(BIN)/python -m pytest $(KERNEL_TESTS)
+	GRADFIT_COMPILED=0 $(BIN)/python -m pytest $(KERNEL_TESTS) $(NOT_LM)
 	$(MAKE) docs
 
 # the documentation site, built into site/ (ignored by git); --strict: a broken reference,
