@@ -16,6 +16,7 @@ Expression models of one variable, plain least squares, float64 on the CPU: wher
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba
 import numpy as np
@@ -23,7 +24,15 @@ import torch
 
 from gradfit.optim.block_lm import BlockEvaluate, Blocks, ChunkMap
 from gradfit.optim.compiled.bridge import _space_arrays
-from gradfit.optim.compiled.interpreter import JIT, PER_CURVE, PER_POINT, SCALAR, encode, run
+from gradfit.optim.compiled.interpreter import (
+    JIT,
+    NO_REFCOUNT,
+    PER_CURVE,
+    PER_POINT,
+    SCALAR,
+    encode,
+    run,
+)
 from gradfit.optim.compiled.kernel import (
     _cholesky,
     _cholesky_solve,
@@ -136,20 +145,38 @@ def chunk_blocks(
     ``order`` lists the free parameters in block order (local, then shared); theta is in the
     space's transformed coordinates (``space = (fixed, free, kind, lo, hi)``).
     """
+    N, F = data[1].shape[1], order.shape[0]
+    n_steps = code[0].shape[0]
+    # the working arrays, allocated here: the loop runs without reference counting
+    regs = (np.empty(n_steps), np.empty((n_steps, N)))
+    points = np.empty((3, N))  # xs, ys, sigma of one group
+    where = np.empty(N, dtype=np.int64)
+    vectors = np.empty((2, F))  # theta, chain
+    params = np.empty(space[0].shape[0])
+    rows = np.empty((F + 1, N))  # one group's [J; r] in block order
+    _blocks_of(code, data, space, order, theta_local, theta_shared, first, stop, out,
+               residuals, sums, rates, (regs, points, where, vectors, params, rows))  # fmt: skip
+
+
+@numba.njit(**NO_REFCOUNT)
+def _blocks_of(
+    code: Arrays, data: Arrays, space: Arrays, order: np.ndarray, theta_local: np.ndarray,
+    theta_shared: np.ndarray, first: int, stop: int, out: Arrays, residuals: np.ndarray,
+    sums: np.ndarray, rates: tuple[int, int, int], work: tuple[Any, ...],
+) -> None:  # fmt: skip
+    """``chunk_blocks``' loop over groups, in the working arrays ``work``."""
     _, curve_rate, point_rate = rates  # (scalar, per curve, per point)
     x, y, sigma, mask = data
     fixed, free, kind, lo, hi = space
     A, B, g_local, group_cost2 = out
+    regs, points, where, vectors, params, rows = work
+    xs, ys, ss = points[0], points[1], points[2]
+    theta, chain = vectors[0], vectors[1]
     N = y.shape[1]
     L = theta_local.shape[1]
     F = order.shape[0]
     S = F - L
-    n_steps = code[0].shape[0]
     outputs = code[5]
-    regs = (np.empty(n_steps), np.empty((n_steps, N)))
-    xs, ys, ss, where = np.empty(N), np.empty(N), np.empty(N), np.empty(N, dtype=np.int64)
-    theta, params, chain = np.empty(F), np.empty(fixed.shape[0]), np.empty(F)
-    rows = np.empty((F + 1, N))  # one group's [J; r] in block order
     has_sigma = sigma.shape[0] > 0
     for a in range(S + 1):
         for b in range(S + 2):
@@ -209,7 +236,7 @@ def chunk_blocks(
     sums[S, 1] = 0.0 * (diagonal + cost2)  # inf * 0 and NaN * 0 are NaN
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def _dot(u: np.ndarray, w: np.ndarray, n: int) -> float:
     s = 0.0
     for i in range(n):
@@ -269,9 +296,20 @@ def damped_groups(
     """For groups ``first``..``stop - 1``: yᵢ = (Aᵢ + diag dᵢ)⁻¹ rhsᵢ and
     Xᵢ = (Aᵢ + diag dᵢ)⁻¹ Bᵢ, added up into ``sums[:, :S]`` (Σ BᵢᵀXᵢ) and ``sums[:, S]``
     (Σ Bᵢᵀyᵢ). False if a block is not positive definite (the step is then void)."""
+    L = B.shape[1]
+    matrices, vectors = np.empty((2, L, L)), np.empty((2, L))
+    return _damped(A, B, damping, rhs, first, stop, y, X, sums, matrices, vectors)
+
+
+@numba.njit(**NO_REFCOUNT)
+def _damped(
+    A: np.ndarray, B: np.ndarray, damping: np.ndarray, rhs: np.ndarray, first: int, stop: int,
+    y: np.ndarray, X: np.ndarray, sums: np.ndarray, matrices: np.ndarray, vectors: np.ndarray,
+) -> bool:  # fmt: skip
+    """``damped_groups``' loop, in the working arrays ``matrices`` and ``vectors``."""
     L, S = B.shape[1], B.shape[2]
-    M, factor = np.empty((L, L)), np.empty((L, L))
-    column, solution = np.empty(L), np.empty(L)
+    M, factor = matrices[0], matrices[1]
+    column, solution = vectors[0], vectors[1]
     solved = True
     for k in range(first, stop):
         for a in range(L):
@@ -313,7 +351,7 @@ def sums_of_squares(
     return torch.from_numpy(ss_tot), torch.from_numpy(ss_res)
 
 
-@numba.njit(**JIT)
+@numba.njit(**NO_REFCOUNT)
 def group_sums(
     y: np.ndarray, mask: np.ndarray, residuals: np.ndarray, sigma: np.ndarray,
     ss_tot: np.ndarray, ss_res: np.ndarray,
