@@ -134,7 +134,9 @@ JIT: JitOptions = {
 }
 # Functions that allocate nothing are compiled without Numba's reference counting: its atomic
 # increments, on every array passed in a tuple, unpacked or sliced, took a third of a Gaussian
-# fit's time. Their arrays belong to the caller, who holds them for the whole call.
+# fit's time. Their arrays belong to the caller, who holds them for the whole call; they must
+# not return an array to a reference-counted caller (it would release a reference it was
+# never given).
 # (``_nrt`` is Numba's own option, not in its typed signature: hence the cast)
 NO_REFCOUNT = cast(JitOptions, {**JIT, "_nrt": False})
 
