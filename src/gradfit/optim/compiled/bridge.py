@@ -125,7 +125,9 @@ def fit_curves(
     space = _space_arrays(problem.space)
     tols = _tolerances(ftol, xtol, gtol, linear)
     F = len(space[1])
-    theta = np.array(theta0.detach().reshape(K, F).numpy(), dtype=np.float64)  # a copy
+    # a C-ordered copy: a start in another layout (some torch operations leave one
+    # transposed) would compile the kernel a second time, ~20 s
+    theta = np.array(theta0.detach().reshape(K, F).numpy(), dtype=np.float64, order="C")
     cost, chi2, r2 = np.empty(K), np.empty(K), np.empty(K)
     n_iter, status, n_points = (np.empty(K, dtype=np.int64) for _ in range(3))
     variance = np.empty((K, F))
