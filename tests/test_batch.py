@@ -336,3 +336,25 @@ def test_missing_y_found_by_the_kernel_equal_an_explicit_mask():
         keep = np.isfinite(y[k])
         slope, intercept = np.polyfit(x[keep], y[k][keep], 1)
         assert found.params[k].tolist() == pytest.approx([slope, intercept], rel=1e-9)
+
+
+@pytest.mark.parametrize("bounds", [None, {"a": (-5.0, 5.0)}])
+@pytest.mark.parametrize("hole", [False, True])
+def test_chunks_filled_in_place_equal_one_chunk(bounds, hole):
+    """The compiled kernel's chunks fill the batch's own arrays (no concatenation, unless a
+    chunk's rows were replaced, as for a curve with too few points): the same result as one
+    chunk, whatever the chunking."""
+    rng = np.random.default_rng(3)
+    x = np.linspace(0, 2, 15)
+    y = 0.8 * x[None, :] - 0.3 + rng.normal(0, 0.05, (23, 15))
+    if hole:
+        y[9, 1:] = np.nan  # one point left: too few, its chunk's rows are replaced
+    whole = gf.fit_batch("a*x + b", x, y, p0=[1.0, 0.0], bounds=bounds, chunk_size=23)
+    for chunk in (1, 4, 10):
+        chunked = gf.fit_batch("a*x + b", x, y, p0=[1.0, 0.0], bounds=bounds, chunk_size=chunk)
+        assert chunked.status_names == whole.status_names
+        for name in ("params", "stderr", "loss", "n_iter", "reduced_chi2", "r2", "n_points"):
+            torch.testing.assert_close(
+                getattr(chunked, name), getattr(whole, name), rtol=0, atol=0, equal_nan=True
+            )
+    assert (whole.status_names[9] == "too_few_points") == hole

@@ -42,7 +42,7 @@ from gradfit.results.batch_result import NO_DATA, TOO_FEW_POINTS, BatchResult, c
 
 if TYPE_CHECKING:
     from gradfit.batch.dask_arrays import LazyBatchResult
-    from gradfit.optim.compiled.bridge import CompiledFit
+    from gradfit.optim.compiled.bridge import Columns, CompiledFit
 
 Tensor = torch.Tensor
 # Bytes of working memory per chunk on the CPU: measured here, chunks of a few thousand curves
@@ -52,6 +52,7 @@ CPU_MEMORY = 64 * 2**20
 # chunk cost up to 25% in page faults; never trimming let fragments of differently sized
 # blocks pile up (~6 MB a chunk, so 10^7 curves would have kept gigabytes).
 TRIM_EVERY = 8
+COMPILED_CHUNK = 1 << 17  # the most curves in one chunk for the compiled kernel
 GPU_MEMORY_FRACTION = 0.125  # of the device's free memory: one chunk fills the GPU
 ChunkHook = Callable[[int, int], None]  # (curves done, curves total)
 _threads_lock = threading.Lock()
@@ -184,10 +185,17 @@ def fit_batch(
     # a start that does not read the data (given, or no guess) and no ties (whose
     # statistics use the mask) leave finding the missing y to the kernel's own pass over y
     check_y = not compiled or tied is not None or (_guessed(p0) and model.guess_fn is not None)
+    # the compiled kernel reads the inputs as they are, unless a mask, sigma, a per-curve x,
+    # another dtype or a y to check needs converted copies
+    in_place = compiled and not check_y and mask is None and sigma is None and len(x.shape) == 1
+    in_place &= str(y.dtype) in ("float64", "torch.float64")
     chunk = chunk_size or _balanced(
-        default_chunk_size(N, len(model.param_names), device, memory_budget, compiled), K, device
-    )
+        default_chunk_size(N, len(model.param_names), device, memory_budget, compiled, in_place),
+        K, device,
+    )  # fmt: skip
     chunks = [(start, min(start + chunk, K)) for start in range(0, K, chunk)]
+    # the compiled kernel fills the batch's own arrays, chunk by chunk (see _joined)
+    columns = _columns(K, space) if compiled and tied is None else None
 
     if sigma is not None:  # a bad sigma fails before any curve is fitted
         for start, stop in chunks:
@@ -200,9 +208,10 @@ def fit_batch(
         if skipped(bounds):  # asked as late as possible: a stop request skips what is left
             return None
         start, stop = bounds
+        rows = columns.rows(start, stop) if columns is not None else None
         return _fit_chunk(model, tensors(start, stop), p0, start, stop, space, loss_fn,
-                          f_scale, optimizer, lr, epochs, tol, absolute_sigma,
-                          tied)  # fmt: skip
+                          f_scale, optimizer, lr, epochs, tol, absolute_sigma, tied,
+                          rows)  # fmt: skip
 
     results = []
     stream = ResultStream(out) if out is not None else None
@@ -225,7 +234,9 @@ def fit_batch(
             if (start // chunk) % TRIM_EVERY == TRIM_EVERY - 1:
                 release_freed_memory()
             advance(stop - start)
-        joined = concat(results) if results else _empty(model, space, loss_fn, tied)
+        joined = (
+            _joined(results, chunks, columns) if results else _empty(model, space, loss_fn, tied)
+        )
         if stream is not None:
             if not chunks:
                 stream.write(joined.to_arrow())
@@ -426,9 +437,11 @@ def default_chunk_size(
     device: Any = None,
     memory_budget: int | None = None,
     compiled: bool = False,
+    in_place: bool = False,
 ) -> int:
     """Curves per chunk so that one chunk's working set fits ``memory_budget`` bytes;
-    ``compiled``: the compiled LM kernel fits them, one curve at a time in a small buffer."""
+    ``compiled``: the compiled LM kernel fits them, one curve at a time in a small buffer,
+    reading the inputs as they are if ``in_place`` (else from converted copies)."""
     if memory_budget is None:
         memory_budget = CPU_MEMORY
         device = torch.device(device) if device is not None else None
@@ -440,7 +453,10 @@ def default_chunk_size(
     # its outputs: larger chunks, whose fixed cost (a few dozen small tensor operations,
     # serialised between threads by the GIL) was a third of a straight line's fit
     per_curve = 8 * n_points * (4 if compiled else 3 * n_params + 12)
-    return int(max(256, min(1 << 22, memory_budget // max(per_curve, 1))))
+    if in_place:  # only its outputs; at most COMPILED_CHUNK curves (progress, stop requests)
+        per_curve = 8 * (4 * n_params + 8)
+    largest = COMPILED_CHUNK if compiled else 1 << 22
+    return int(max(256, min(largest, memory_budget // max(per_curve, 1))))
 
 
 def _compiled_kernel_fits(
@@ -455,6 +471,12 @@ def _compiled_kernel_fits(
     problem = Problem(model, x, y, loss_fn.with_options(sigma=first["sigma"]), space)
     theta0 = torch.empty(1, len(space.free), dtype=dtype, device=y.device)
     return lm_kernel(problem, _robust(loss_fn), theta0, per_iteration=False) is not None
+
+
+def _columns(K: int, space: ParameterSpace) -> Columns:
+    from gradfit.optim.compiled.bridge import Columns  # loaded already: the kernel fits
+
+    return Columns.empty(K, space)
 
 
 def _robust(loss_fn: Loss) -> Any:
@@ -525,7 +547,9 @@ def _fit_chunk(
     tol: float | None,
     absolute_sigma: bool,
     tied: Tied | None = None,
+    columns: Columns | None = None,
 ) -> BatchResult:
+    """One chunk's fit; ``columns``: its rows of the batch's arrays, for the compiled kernel."""
     x, y, sigma, mask = part["x"], part["y"], part["sigma"], part["mask"]
     assert y is not None and mask is not None and x is not None
     p_start = _start(model, p0, x, y, mask, start, stop)
@@ -533,8 +557,8 @@ def _fit_chunk(
     # NaN start makes both kernels and the first-order loop drop it at once (no iterations)
     # a curve with no valid point is not fitted even when every parameter is fixed
     few: Tensor | None = None  # every point valid and enough of them: no curve to mark
-    n_valid = _count_valid(mask)
     if not (_all_valid(mask) and y.shape[-1] >= max(len(space.free), 1)):
+        n_valid = _count_valid(mask)
         few = (n_valid < len(space.free)) | (n_valid == 0)
         p_start = torch.where(few.unsqueeze(-1), torch.nan, p_start)
     space.check_start(p_start)
@@ -544,7 +568,7 @@ def _fit_chunk(
         result = _first_order_chunk(problem, p_start, mask, optimizer, lr, epochs, tol,
                                     absolute_sigma)  # fmt: skip
     else:
-        result = _lm_chunk(problem, p_start, mask, f_scale, epochs, tol, absolute_sigma)
+        result = _lm_chunk(problem, p_start, mask, f_scale, epochs, tol, absolute_sigma, columns)
     fixed = tuple(n for n, v in zip(space.names, space.fixed, strict=True) if v is not None)
     result = replace(result, fixed=fixed)
     if few is None and bool((result.n_points < y.shape[-1]).any()):
@@ -625,8 +649,10 @@ def _lm_chunk(
     epochs: int | None,
     tol: float | None,
     absolute_sigma: bool,
+    columns: Columns | None = None,
 ) -> BatchResult:
-    """Levenberg–Marquardt on a chunk: the compiled kernel where it applies, else PyTorch's."""
+    """Levenberg–Marquardt on a chunk: the compiled kernel where it applies (into
+    ``columns`` if given), else PyTorch's."""
     space, loss_fn = problem.space, problem.loss
     options: dict[str, Any] = {} if tol is None else {"ftol": tol}
     options["linear"] = linear_in_params(problem)  # as fit's run_lm
@@ -637,7 +663,7 @@ def _lm_chunk(
     theta0 = space.to_theta(p_start)
     lm_compiled = lm_kernel(problem, robust, theta0, per_iteration=False)  # as fit's run_lm
     if lm_compiled is not None:
-        fitted = lm_compiled.fit_curves(problem, theta0, kernel_mask, **options)
+        fitted = lm_compiled.fit_curves(problem, theta0, kernel_mask, out=columns, **options)
         return _compiled_result(problem, fitted, absolute_sigma)
     residuals, stacked = residual_functions(problem)
     solved = levenberg_marquardt(
@@ -656,20 +682,44 @@ def _lm_chunk(
 
 
 def _compiled_result(problem: Problem, fitted: CompiledFit, absolute_sigma: bool) -> BatchResult:
-    """A chunk's result from the compiled kernel, which computed the statistics itself."""
+    """A chunk's result from the compiled kernel, which computed the statistics itself: its
+    tensors share the memory of ``fitted.columns`` (rows of the batch's, see ``_joined``)."""
     # one native call: a chunk's dozen small tensor operations, each releasing and taking
     # back the GIL, held up the threads that fit chunks side by side
     from gradfit.optim.compiled.bridge import batch_outputs
 
-    space, t = problem.space, torch.from_numpy
-    reduced_chi2, stderr, loss = batch_outputs(
-        fitted, space.free, len(space.names), absolute_sigma, problem.loss.reduction == "mean"
-    )
-    params = space.to_params(t(fitted.theta))
+    space, t, columns = problem.space, torch.from_numpy, fitted.columns
+    per_point = problem.loss.reduction == "mean"
+    batch_outputs(fitted, space.free, absolute_sigma, per_point, columns)
+    params = t(columns.params)  # the same array as theta where the space is the identity
+    if not space.is_identity:
+        params.copy_(space.to_params(t(columns.theta)))
     return BatchResult(
-        params=params, stderr=t(stderr), loss=t(loss), n_iter=t(fitted.n_iter),
-        status=t(fitted.status), param_names=space.names, reduced_chi2=t(reduced_chi2),
-        r2=t(fitted.r2), n_points=t(fitted.n_points), loss_name=problem.loss.name,
+        params=params, stderr=t(columns.stderr), loss=t(columns.loss),
+        n_iter=t(columns.n_iter), status=t(columns.status), param_names=space.names,
+        reduced_chi2=t(columns.reduced_chi2), r2=t(columns.r2), n_points=t(columns.n_points),
+        loss_name=problem.loss.name,
+    )  # fmt: skip
+
+
+def _joined(
+    results: list[BatchResult], chunks: list[tuple[int, int]], columns: Columns | None
+) -> BatchResult:
+    """The chunks' results as one: the batch's ``columns`` themselves where every chunk's
+    result is still its rows of them (compiled kernel, nothing replaced, none skipped), else
+    a concatenation."""
+    if columns is None or len(results) != len(chunks) or results[0].keys is not None:
+        return concat(results)  # (keys: chunk by chunk, as they were streamed)
+    names = ("params", "stderr", "loss", "n_iter", "status", "reduced_chi2", "r2", "n_points")
+    for (start, _), result in zip(chunks, results, strict=True):
+        for name in names:
+            if getattr(result, name).data_ptr() != getattr(columns, name)[start:].ctypes.data:
+                return concat(results)
+    t = torch.from_numpy
+    return replace(
+        results[0], params=t(columns.params), stderr=t(columns.stderr), loss=t(columns.loss),
+        n_iter=t(columns.n_iter), status=t(columns.status),
+        reduced_chi2=t(columns.reduced_chi2), r2=t(columns.r2), n_points=t(columns.n_points),
     )  # fmt: skip
 
 

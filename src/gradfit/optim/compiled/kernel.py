@@ -126,24 +126,24 @@ def _fit_all(value_code, full_code, data, space, robust, tols, max_iter, geodesi
     return n_eval
 
 
-@numba.njit(**JIT)
-def batch_outputs(n_points, chi2, variance, cost, free, n_params, absolute_sigma, per_point):
-    """fit_batch's per-curve columns from ``fit_curves``' outputs, in one pass without the
-    GIL: χ²ᵣ (NaN without degrees of freedom), stderr ``[K, P]`` (sqrt of the variance,
-    scaled by χ²ᵣ unless ``absolute_sigma``; NaN for fixed parameters) and the loss (2·cost,
-    per point if ``per_point``), as ``fit_batch._stderr`` and ``_lm_loss`` compute them."""
+@numba.njit(**NO_REFCOUNT)
+def batch_outputs(n_points, chi2, variance, cost, free, absolute_sigma, per_point, out):
+    """fit_batch's per-curve columns from ``fit_curves``' outputs into ``out = (reduced χ²,
+    stderr, loss)``, in one pass without the GIL: χ²ᵣ (NaN without degrees of freedom),
+    stderr ``[K, P]`` (sqrt of the variance, scaled by χ²ᵣ unless ``absolute_sigma``; NaN for
+    fixed parameters) and the loss (2·cost, per point if ``per_point``), as
+    ``fit_batch._stderr`` and ``_lm_loss`` compute them."""
+    reduced, stderr, loss = out
     K, F = variance.shape
-    reduced = np.empty(K)
-    stderr = np.full((K, n_params), np.nan)
-    loss = np.empty(K)
     for k in range(K):
         n = n_points[k]
         reduced[k] = chi2[k] / (n - F) if n > F else math.nan
         scale = 1.0 if absolute_sigma else reduced[k]
+        for j in range(stderr.shape[1]):
+            stderr[k, j] = math.nan
         for j in range(F):
             stderr[k, free[j]] = math.sqrt(variance[k, j] * scale)
         loss[k] = 2 * cost[k] / (max(n, 1) if per_point else 1)
-    return reduced, stderr, loss
 
 
 @numba.njit(inline="always", **NO_REFCOUNT)
