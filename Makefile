@@ -23,10 +23,12 @@ demo: $(BIN)/gradfit
 KERNEL_TESTS := tests/test_nist_fit.py tests/test_robust_vs_scipy.py tests/test_fit.py tests/test_warnings.py
 NOT_LM := -k "not (gd or sgd or adam or lbfgs)"
 
+# Numba compiles the kernels (tests/warm_kernels.py) while ruff and mypy run; pytest then
+# loads them from its disk cache
 test: $(VENV)/.dev
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/mypy
+	$(BIN)/python tests/warm_kernels.py & warm=$$!; \
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy; lint=$$?; \
+	wait $$warm && exit $$lint
 	$(BIN)/python -m pytest
 	GRADFIT_COMPILED=0 $(BIN)/python -m pytest $(KERNEL_TESTS) $(NOT_LM)
 	$(MAKE) docs
