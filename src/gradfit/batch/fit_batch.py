@@ -109,8 +109,9 @@ def fit_batch(
             and come back as columns (values and delta-method stderr per curve).
         options: a ready ``FitOptions`` instead of the keyword options (not both).
         chunk_size: curves per chunk; default from ``memory_budget`` bytes (default: a few
-            thousand curves on the CPU, ~20,000 of 100 points on the compiled kernel, an
-            eighth of the free memory of a GPU).
+            thousand curves on the CPU; on the compiled kernel ~20,000 of 100 points, or up
+            to 131,072 where it reads the inputs in place; an eighth of the free memory of a
+            GPU).
         on_chunk: called with (first curve index, chunk result) as each chunk finishes.
         skip_chunk: called with (start, stop); True skips that chunk (resuming a run). It is
             asked just before the chunk runs (maybe on a worker thread) and again before its

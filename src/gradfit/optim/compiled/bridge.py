@@ -117,7 +117,7 @@ class Columns:
         F, P = len(space.free), len(space.names)
         params = np.empty((K, P))
         theta = params if space.is_identity else np.empty((K, F))
-        floats = [np.empty(K) for _ in range(6)]  # cost, chi2, r2, reduced χ², loss
+        floats = [np.empty(K) for _ in range(5)]  # cost, chi2, r2, reduced χ², loss
         ints = [np.empty(K, dtype=np.int64) for _ in range(3)]  # n_iter, status, n_points
         return cls(
             theta, params, floats[0], ints[0], ints[1], np.empty((K, F)), floats[1], floats[2],
@@ -165,8 +165,8 @@ def fit_curves(
     space = _space_arrays(problem.space)
     tols = _tolerances(ftol, xtol, gtol, linear)
     F = len(space[1])
-    # C-ordered: a start in another layout (some torch operations leave one transposed)
-    # would compile the kernel a second time, ~20 s
+    # the start copied into C-ordered rows: one in another layout (some torch operations
+    # leave one transposed) would compile the kernel a second time, ~20 s
     columns = out if out is not None else Columns.empty(K, problem.space)
     theta = columns.theta
     theta[:] = theta0.detach().reshape(K, F).numpy()
