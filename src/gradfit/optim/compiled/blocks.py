@@ -154,8 +154,14 @@ def chunk_blocks(
     vectors = np.empty((2, F))  # theta, chain
     params = np.empty(space[0].shape[0])
     rows = np.empty((F + 1, N))  # one group's [J; r] in block order
+    # the chunk's sums, added up here and copied to ``sums`` once: the rows of ``sums`` of
+    # chunks on other threads share its cache lines, and adding to them group by group made
+    # two threads slower than one
+    local_sums = np.zeros(sums.shape)
+    work = (regs, points, where, vectors, params, rows)
     _blocks_of(code, data, space, order, theta_local, theta_shared, first, stop, out,
-               residuals, sums, rates, (regs, points, where, vectors, params, rows))  # fmt: skip
+               residuals, local_sums, rates, work)  # fmt: skip
+    sums[:] = local_sums
 
 
 @numba.njit(**NO_REFCOUNT)
@@ -178,9 +184,6 @@ def _blocks_of(
     S = F - L
     outputs = code[5]
     has_sigma = sigma.shape[0] > 0
-    for a in range(S + 1):
-        for b in range(S + 2):
-            sums[a, b] = 0.0
     cost2 = diagonal = 0.0
     for k in range(first, stop):
         # the group's valid points, in order
@@ -298,7 +301,10 @@ def damped_groups(
     (Σ Bᵢᵀyᵢ). False if a block is not positive definite (the step is then void)."""
     L = B.shape[1]
     matrices, vectors = np.empty((2, L, L)), np.empty((2, L))
-    return _damped(A, B, damping, rhs, first, stop, y, X, sums, matrices, vectors)
+    local_sums = np.zeros(sums.shape)  # added up here, as in chunk_blocks (cache lines)
+    solved = _damped(A, B, damping, rhs, first, stop, y, X, local_sums, matrices, vectors)
+    sums += local_sums
+    return solved
 
 
 @numba.njit(**NO_REFCOUNT)
