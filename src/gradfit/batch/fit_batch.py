@@ -170,9 +170,7 @@ def fit_batch(
             raise OptionError(f"p0 has {p0.shape[0]} rows for {K} curves; give [P] or [K, P]")
     space = ParameterSpace.build(model.param_names, opts.bounds, opts.fixed)
 
-    check_y = True  # else the compiled kernel finds non-finite y values (see _batch_tensors)
-
-    def tensors(start: int, stop: int) -> dict[str, Tensor | None]:
+    def tensors(start: int, stop: int, check_y: bool = True) -> dict[str, Tensor | None]:
         x_k, y_k, sigma_k, mask_k = (_rows(v, start, stop, K) for v in (x, y, sigma, mask))
         return _batch_tensors(x_k, y_k, sigma_k, mask_k, dtype, device, start, check_y)
 
@@ -210,7 +208,7 @@ def fit_batch(
             return None
         start, stop = bounds
         rows = columns.rows(start, stop) if columns is not None else None
-        return _fit_chunk(model, tensors(start, stop), p0, start, stop, space, loss_fn,
+        return _fit_chunk(model, tensors(start, stop, check_y), p0, start, stop, space, loss_fn,
                           f_scale, optimizer, lr, epochs, tol, absolute_sigma, tied,
                           rows)  # fmt: skip
 
@@ -453,9 +451,10 @@ def default_chunk_size(
     # the compiled kernel needs only the chunk's inputs (x, y, sigma, mask when copied) and
     # its outputs: larger chunks, whose fixed cost (a few dozen small tensor operations,
     # serialised between threads by the GIL) was a third of a straight line's fit
-    per_curve = 8 * n_points * (4 if compiled else 3 * n_params + 12)
     if in_place:  # only its outputs; at most COMPILED_CHUNK curves (progress, stop requests)
         per_curve = 8 * (4 * n_params + 8)
+    else:
+        per_curve = 8 * n_points * (4 if compiled else 3 * n_params + 12)
     largest = COMPILED_CHUNK if compiled else 1 << 22
     return int(max(256, min(largest, memory_budget // max(per_curve, 1))))
 
@@ -560,7 +559,7 @@ def _fit_chunk(
     few: Tensor | None = None  # every point valid and enough of them: no curve to mark
     if not (_all_valid(mask) and y.shape[-1] >= max(len(space.free), 1)):
         n_valid = _count_valid(mask)
-        few = (n_valid < len(space.free)) | (n_valid == 0)
+        few = _too_few(n_valid, len(space.free))
         p_start = torch.where(few.unsqueeze(-1), torch.nan, p_start)
     space.check_start(p_start)
     problem = Problem(model, x, y, loss_fn.with_options(f_scale=f_scale, sigma=sigma), space)
@@ -575,10 +574,15 @@ def _fit_chunk(
     if few is None and bool((result.n_points < y.shape[-1]).any()):
         # the compiled kernel left out non-finite y values (_batch_tensors' check_y)
         n_valid = result.n_points
-        few = (n_valid < len(space.free)) | (n_valid == 0)
+        few = _too_few(n_valid, len(space.free))
     if few is not None:
         result = _mark_unfitted(result, n_valid, few)
     return result if tied is None else _with_tied(problem, result, mask, tied, absolute_sigma)
+
+
+def _too_few(n_valid: Tensor, n_free: int) -> Tensor:
+    """Curves with fewer valid points than free parameters, or none (``_mark_unfitted``)."""
+    return (n_valid < n_free) | (n_valid == 0)
 
 
 def _with_tied(
