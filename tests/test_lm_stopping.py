@@ -16,6 +16,7 @@ from gradfit.optim import lm
 from gradfit.optim.compiled import bridge, kernel
 from gradfit.optim.compiled.bridge import _tolerances
 from gradfit.optim.least_squares import linear_in_params, residual_functions
+from gradfit.optim.masks import all_valid, count_valid
 from gradfit.optim.problem import Problem
 
 GAUSSIAN = "amplitude*exp(-(x - center)**2/(2*width**2)) + offset"
@@ -177,22 +178,22 @@ def test_all_valid_chunks_take_the_fast_path_and_others_do_not():
     x = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
     fast = batch._batch_tensors(x, y, None, None, torch.float64, None)
     assert fast["y"] is not None and fast["y"].data_ptr() == y.data_ptr()  # no copy
-    assert batch._all_valid(fast["mask"]) and batch._count_valid(fast["mask"]).tolist() == [3, 3]
+    assert all_valid(fast["mask"]) and count_valid(fast["mask"]).tolist() == [3, 3]
     for bad in (float("nan"), float("inf"), -float("inf")):
         y_bad = y.clone()
         y_bad[1, 2] = bad
         part = batch._batch_tensors(x, y_bad, None, None, torch.float64, None)
-        assert not batch._all_valid(part["mask"])
-        assert batch._count_valid(part["mask"]).tolist() == [3, 2]
+        assert not all_valid(part["mask"])
+        assert count_valid(part["mask"]).tolist() == [3, 2]
         assert float(part["y"][1, 2]) == 0.0
     # finite values whose sum overflows: every point is still valid
     huge = torch.tensor([[1e308, 1e308, -1.0]], dtype=torch.float64)
     part = batch._batch_tensors(x, huge, None, None, torch.float64, None)
-    assert batch._count_valid(part["mask"]).tolist() == [3]
+    assert count_valid(part["mask"]).tolist() == [3]
     x_nan = x.clone()
     x_nan[0] = float("nan")
     part = batch._batch_tensors(x_nan, y, None, None, torch.float64, None)
-    assert batch._count_valid(part["mask"]).tolist() == [2, 2]
+    assert count_valid(part["mask"]).tolist() == [2, 2]
 
 
 def test_fit_batch_with_and_without_missing_points_agree():

@@ -36,6 +36,7 @@ from gradfit.optim import FIRST_ORDER
 from gradfit.optim.dispatch import lm_kernel
 from gradfit.optim.least_squares import linear_in_params, residual_functions, residual_subset
 from gradfit.optim.lm import autodiff_jacobian, levenberg_marquardt, stack_jacobian
+from gradfit.optim.masks import all_valid, count_valid
 from gradfit.optim.problem import Problem
 from gradfit.options import FitOptions, options_from
 from gradfit.results.batch_result import NO_DATA, TOO_FEW_POINTS, BatchResult, concat
@@ -406,21 +407,6 @@ def _finite(y: Tensor | None, x: Tensor) -> bool:
     return (y is None or bool(torch.isfinite(y.sum(-1)).all())) and bool(torch.isfinite(x).all())
 
 
-def _all_valid(mask: Tensor) -> bool:
-    """Whether a chunk's ``mask`` marks every point valid; the expanded scalar of
-    ``_batch_tensors``' fast path (all strides 0: one value) is answered without a pass."""
-    if mask.numel() > 0 and all(stride == 0 for stride in mask.stride()):
-        return bool(mask.reshape(-1)[0])
-    return bool(mask.all())
-
-
-def _count_valid(mask: Tensor) -> Tensor:
-    """``mask.sum(-1)``, without a pass over an all-valid ``mask`` (see ``_all_valid``)."""
-    if mask.numel() > 0 and _all_valid(mask):
-        return torch.full(mask.shape[:-1], mask.shape[-1], dtype=torch.int64, device=mask.device)
-    return mask.sum(-1)
-
-
 def _tensor(value: Any, dtype: torch.dtype, device: Any) -> Tensor:
     if isinstance(value, Tensor):
         return value.detach().to(dtype=dtype, device=device)
@@ -528,7 +514,7 @@ def _default_start(model: Model, x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
     if initial is not None:
         return initial.to(y.device)
     if model.guess_fn is not None:
-        return model.guess_fn(x, y, mask=None if _all_valid(mask) else mask)
+        return model.guess_fn(x, y, mask=None if all_valid(mask) else mask)
     return torch.ones(len(model.param_names), dtype=y.dtype, device=y.device)
 
 
@@ -557,8 +543,8 @@ def _fit_chunk(
     # NaN start makes both kernels and the first-order loop drop it at once (no iterations)
     # a curve with no valid point is not fitted even when every parameter is fixed
     few: Tensor | None = None  # every point valid and enough of them: no curve to mark
-    if not (_all_valid(mask) and y.shape[-1] >= max(len(space.free), 1)):
-        n_valid = _count_valid(mask)
+    if not (all_valid(mask) and y.shape[-1] >= max(len(space.free), 1)):
+        n_valid = count_valid(mask)
         few = _too_few(n_valid, len(space.free))
         p_start = torch.where(few.unsqueeze(-1), torch.nan, p_start)
     space.check_start(p_start)
@@ -642,7 +628,7 @@ def _first_order_chunk(
     return BatchResult(
         params=params, stderr=stats["stderr"], loss=loss_values, n_iter=n_iter, status=status,
         param_names=space.names, reduced_chi2=stats["reduced_chi2"], r2=stats["r2"],
-        n_points=_count_valid(mask), optimizer=optimizer, loss_name=problem.loss.name,
+        n_points=count_valid(mask), optimizer=optimizer, loss_name=problem.loss.name,
     )  # fmt: skip
 
 
@@ -664,7 +650,7 @@ def _lm_chunk(
     if epochs is not None:
         options["max_iter"] = epochs
     robust = _robust(loss_fn)
-    kernel_mask = None if _all_valid(mask) else mask
+    kernel_mask = None if all_valid(mask) else mask
     theta0 = space.to_theta(p_start)
     lm_compiled = lm_kernel(problem, robust, theta0, per_iteration=False)  # as fit's run_lm
     if lm_compiled is not None:
@@ -677,7 +663,7 @@ def _lm_chunk(
     )  # fmt: skip
     params = space.to_params(solved.theta)
     stats = _curve_statistics(problem, params, mask, absolute_sigma, solved.rows)
-    n_valid = _count_valid(mask)
+    n_valid = count_valid(mask)
     return BatchResult(
         params=params, stderr=stats["stderr"], loss=_lm_loss(solved.cost, n_valid, loss_fn),
         n_iter=solved.n_iter, status=solved.status, param_names=space.names,
@@ -764,13 +750,13 @@ def _curve_statistics(
     y_pred = problem.model(problem.x, params).detach()
     if rows is None or not space.is_identity:
         rows = _weighted_rows(problem, params)
-    if not _all_valid(mask):
+    if not all_valid(mask):
         rows = torch.where(mask.unsqueeze(1), rows, 0.0)
     jt = rows[:, :-1]  # (k, F, N)
     fit_stats = cast(  # tensors in, tensors out
         dict[str, Tensor],
         stats.goodness(
-            problem.y, y_pred, rows[:, -1], len(free), None if _all_valid(mask) else mask
+            problem.y, y_pred, rows[:, -1], len(free), None if all_valid(mask) else mask
         ),
     )
     normal = torch.bmm(jt, jt.mT)  # (k, F, F)

@@ -37,6 +37,7 @@ from gradfit.optim.block_lm import (
 from gradfit.optim.dispatch import lm_kernel
 from gradfit.optim.least_squares import residual_functions
 from gradfit.optim.lm import DEFAULT_FTOL, LMStatus, autodiff_jacobian, describe, stack_jacobian
+from gradfit.optim.masks import count_valid
 from gradfit.optim.problem import Problem
 
 Tensor = torch.Tensor
@@ -127,7 +128,7 @@ def solve_shared(
     names, free = space.names, space.free
     local_pos = [j for j, i in enumerate(free) if names[i] not in shared]
     shared_pos = [j for j, i in enumerate(free) if names[i] in shared]
-    n_valid = _count_valid(mask)
+    n_valid = count_valid(mask)
     fitted = (n_valid >= len(local_pos)) & (n_valid > 0)
     fit_mask = mask if bool(fitted.all()) else mask & fitted.unsqueeze(-1)
     n_points = int(torch.where(fitted, n_valid, 0).sum())
@@ -192,15 +193,6 @@ def solve_shared(
         params, fitted, solved, block_covariance(blocks), local, shared_idx, n_points,
         solved.residuals, n_valid, compiled=compiled is not None,
     )  # fmt: skip
-
-
-def _count_valid(mask: Tensor) -> Tensor:
-    """``mask.sum(-1)``; without a pass over a mask that is one value broadcast (how
-    ``fit_batch``'s tensors say "every point valid")."""
-    if mask.numel() > 0 and all(stride == 0 for stride in mask.stride()):
-        count = mask.shape[-1] if bool(mask.flatten()[0]) else 0
-        return torch.full(mask.shape[:-1], count, dtype=torch.int64, device=mask.device)
-    return mask.sum(-1)
 
 
 def _compiled_evaluator(

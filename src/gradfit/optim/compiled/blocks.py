@@ -41,6 +41,7 @@ from gradfit.optim.compiled.kernel import (
     _residual_row,
     _to_params,
 )
+from gradfit.optim.masks import all_valid
 from gradfit.optim.problem import Problem
 
 Tensor = torch.Tensor
@@ -117,11 +118,7 @@ def _mask_array(mask: Tensor) -> np.ndarray:
     """``[K, N]`` bool as the compiled loops take it: (0, N) where every point is valid
     (nothing to read), else a contiguous copy."""
     N = mask.shape[-1]
-    if mask.numel() > 0 and all(stride == 0 for stride in mask.stride()):
-        every = bool(mask.flatten()[0])  # one value broadcast: fit_batch's "all valid"
-    else:
-        every = bool(mask.all())
-    if every:
+    if all_valid(mask):
         return np.ones((0, N), dtype=bool)
     return np.ascontiguousarray(mask.numpy()).reshape(-1, N)
 
